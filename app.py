@@ -1,0 +1,84 @@
+"""The web process: `create_app()` wires settings, Redis, the submit path, blueprints and Sentry.
+
+Importing this module starts nothing; gunicorn's `app:app` builds the app on first access.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import sentry_sdk
+from flask import Flask, Response, request
+from standardwebhooks.webhooks import Webhook
+from werkzeug.exceptions import HTTPException
+
+import observability
+from handlers.intake import ERROR_NAMES, IntakeError, Services
+from jobs.enqueue import Submitter
+from settings import SettingsError, load_settings
+
+# Largest request body we read (the intake refuses larger ones with 413).
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the web app from the environment, with `test_config` overriding settings."""
+    settings = load_settings(**(test_config or {}))
+    if not settings.redis_url:
+        raise SettingsError("invalid configuration:\n  REDIS_URL: required (make run starts an embedded Redis "
+                            "and sets it)")
+    observability.init(settings, component="web")
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    conn = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                                health_check_interval=30)
+    app.extensions["b24cancel"] = Services(
+        settings=settings, redis=conn, submitter=Submitter(conn, settings.request_ttl),
+        verifiers=[Webhook(secret) for secret in settings.webhook_secrets],
+    )
+
+    from handlers import api, health, robot
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(robot.bp)
+    app.register_blueprint(health.bp)
+    register_errors(app)
+    return app
+
+
+def register_errors(app: Flask) -> None:
+    """Every error is JSON; nothing a client sends produces a 500."""
+    from handlers.metrics import count
+
+    @app.errorhandler(IntakeError)
+    def intake_error(exc: IntakeError) -> tuple[dict[str, Any], int]:
+        return exc.reply()
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
+        status = exc.code or 500
+        message = "the body is larger than 64 KiB" if status == 413 else (exc.description or exc.name)
+        return {"error": ERROR_NAMES.get(status, "error"), "message": message}, status
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[dict[str, Any], int]:
+        app.logger.exception("unhandled error")
+        sentry_sdk.capture_exception(exc)  # a handled exception never reaches the Flask integration
+        return {"error": "internal_error", "message": "internal error; it has been reported"}, 500
+
+    @app.after_request
+    def counted(response: Response) -> Response:
+        count(request.endpoint, response.status_code)
+        return response
+
+
+def __getattr__(name: str) -> Flask:
+    """`app:app` for gunicorn, built on first access so that importing this module starts nothing."""
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

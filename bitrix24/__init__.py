@@ -1,0 +1,1 @@
+"""Thin Bitrix24 REST client: transport, envelope, errors, shared limits."""

@@ -1,0 +1,83 @@
+"""The limits one portal's calls pass through: the shared leaky bucket and the operating budget.
+
+Short waits sleep here; a wait longer than `max_sleep`, or a paused method, raises Throttled so
+the caller reschedules its job instead of holding a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import redis
+
+from bitrix24.errors import Throttled
+from bitrix24.limits import LeakyBucket, OperatingBudget, bucket_limits
+
+log = logging.getLogger("b24cancel.limits")
+
+# After a QUERY_LIMIT_EXCEEDED we did not cause, run slower for this long (another app shares the portal).
+PENALTY_SECONDS = 30.0
+
+
+class PortalGate:
+    """Implements bitrix24.client.Gate over Redis for one portal."""
+
+    def __init__(self, portal: str, bucket: LeakyBucket, budget: OperatingBudget, max_sleep: float,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.portal = portal
+        self.bucket = bucket
+        self.budget = budget
+        self.max_sleep = max_sleep
+        self.sleep = sleep
+
+    @classmethod
+    def for_portal(cls, conn: redis.Redis, portal: Any, settings: Any, max_sleep: float) -> PortalGate:
+        """The gate for a configured portal, with its plan's limits and the settings' overrides."""
+        rate, capacity = bucket_limits(portal.plan, settings.b24_rate_limit, settings.b24_rate_burst,
+                                       settings.b24_rate_headroom)
+        return cls(portal.name, LeakyBucket(conn, portal.name, rate, capacity),
+                   OperatingBudget(conn, portal.name, limit=settings.b24_operating_limit,
+                                   window=settings.b24_operating_window), max_sleep)
+
+    def before(self, methods: Sequence[str]) -> None:
+        """Refuse a paused method, then take one token (sleeping a short wait)."""
+        for method in methods:
+            until = self.budget.paused_until(method)
+            if until is not None:
+                raise Throttled(until, f"{method} paused by the operating-time budget")
+        wait = self.bucket.reserve(1, max_wait=self.max_sleep)
+        if wait > self.max_sleep:
+            raise Throttled(time.time() + wait, "request-rate limit")
+        if wait > 0:
+            self.sleep(wait)
+
+    def after(self, method: str, timing: Mapping[str, Any] | None) -> None:
+        """Record the answer's operating time; log when the method enters a pause."""
+        if not timing:
+            return
+        pause = self.budget.record(method, _number(timing.get("operating")), _number(timing.get("operating_reset_at")))
+        if pause is not None and pause.new:
+            log.warning("portal method paused", extra={"portal": self.portal, "method": method,
+                                                       "until": round(pause.until), "why": "operating budget"})
+
+    def rate_limited(self) -> None:
+        """The portal said QUERY_LIMIT_EXCEEDED anyway: drain our bucket and slow down for a while."""
+        log.warning("portal answered QUERY_LIMIT_EXCEEDED; slowing down", extra={"portal": self.portal})
+        self.bucket.penalize(PENALTY_SECONDS)
+
+    def operating_limited(self, method: str, reset_at: float) -> None:
+        """The portal blocked the method: pause it until the reset."""
+        pause = self.budget.pause(method, reset_at)
+        if pause.new:
+            log.warning("portal method paused", extra={"portal": self.portal, "method": method,
+                                                       "until": round(pause.until), "why": "OPERATION_TIME_LIMIT"})
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

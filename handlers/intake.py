@@ -1,0 +1,230 @@
+"""The steps every intake shares: errors as JSON, authentication, validation and the one-round-trip submit."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from flask import Request, current_app, request, url_for
+from standardwebhooks.webhooks import Webhook
+
+from jobs import policy, records
+from jobs.enqueue import Submitter
+from settings import CHAT_ID, Portal, Settings, is_loopback
+
+# Longest reason / external id / number we store and show; longer ones are refused, not cut.
+MAX_REASON = 1000
+MAX_REFERENCE = 200
+# The API key `make run` prints; accepted only in sandbox mode and only from loopback.
+SANDBOX_API_KEY = "sandbox"
+CANCEL_FIELDS = {"portal", "document_ids", "document_numbers", "reason", "external_id", "chat"}
+
+Reply = tuple[dict[str, Any], int]
+
+
+class IntakeError(Exception):
+    """A request we refuse, with the status and a message that names the problem."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+    def reply(self) -> Reply:
+        body: dict[str, Any] = {"error": ERROR_NAMES.get(self.status, "error"), "message": self.message}
+        if self.field:
+            body["field"] = self.field
+        return body, self.status
+
+
+ERROR_NAMES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 415: "unsupported_media_type", 503: "unavailable", 500: "internal_error"}
+
+
+@dataclass
+class Services:
+    """What the handlers use, built once per process in create_app."""
+
+    settings: Settings
+    redis: redis.Redis
+    submitter: Submitter
+    verifiers: list[Webhook]
+
+
+def services() -> Services:
+    return current_app.extensions["b24cancel"]  # type: ignore[no-any-return]
+
+
+def constant_time_in(given: str, allowed: list[str]) -> bool:
+    """Whether `given` equals one of `allowed`, comparing every candidate in constant time."""
+    found = False
+    given_bytes = given.encode()
+    for candidate in allowed:
+        found |= hmac.compare_digest(given_bytes, candidate.encode())
+    return found
+
+
+def authenticate_trigger(req: Request, svc: Services) -> None:
+    """Bearer API key or a Standard Webhooks signature; raise 401 otherwise."""
+    header = req.headers.get("Authorization", "")
+    if header:
+        scheme, _, key = header.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise IntakeError(401, "Authorization must be 'Bearer <api key>'")
+        keys = list(svc.settings.api_keys)
+        if svc.settings.sandbox_mode and is_loopback(req.remote_addr or ""):
+            keys.append(SANDBOX_API_KEY)
+        if not keys or not constant_time_in(key, keys):
+            raise IntakeError(401, "unknown API key")
+        return
+    if "webhook-signature" in req.headers:
+        if not svc.verifiers:
+            raise IntakeError(401, "signed requests are not configured (TRIGGER_SECRETS)")
+        raw = req.get_data(cache=True)
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        for verifier in svc.verifiers:
+            try:
+                verifier.verify(raw, headers, json_parse=False)
+                return
+            except Exception:  # noqa: BLE001 - the library raises ValueError and others for malformed input
+                continue
+        raise IntakeError(401, "invalid or stale webhook signature (timestamps must be within 5 minutes)")
+    raise IntakeError(401, "missing credentials: send 'Authorization: Bearer <api key>' or a signed request")
+
+
+def parse_json_object(req: Request) -> dict[str, Any]:
+    """The JSON object body; 415 for another content type, 400 for malformed JSON."""
+    if not req.is_json:
+        raise IntakeError(415, "Content-Type must be application/json")
+    body = req.get_json(silent=True, cache=True)
+    if body is None:
+        raise IntakeError(400, "malformed JSON body")
+    if not isinstance(body, dict):
+        raise IntakeError(400, "the body must be a JSON object")
+    return body
+
+
+def choose_portal(svc: Services, name: Any) -> Portal:
+    """The named portal, or the only one; 404 when unknown."""
+    if name is not None and not isinstance(name, str):
+        raise IntakeError(400, "portal must be a string", "portal")
+    portal = svc.settings.portal(name)
+    if portal is None:
+        if name is None:
+            raise IntakeError(400, "portal is required when several portals are configured", "portal")
+        raise IntakeError(404, f"unknown portal {name!r}", "portal")
+    return portal
+
+
+def document_ids(value: Any, field: str = "document_ids") -> list[int]:
+    """A non-empty list of distinct positive integers, at most MAX_DOCUMENTS."""
+    if not isinstance(value, list) or not value:
+        raise IntakeError(400, f"{field} must be a non-empty list of document ids", field)
+    if len(value) > policy.MAX_DOCUMENTS:
+        raise IntakeError(400, f"{field} may name at most {policy.MAX_DOCUMENTS} documents", field)
+    ids: list[int] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise IntakeError(400, f"{field} must contain integers only", field)
+        if item <= 0:
+            raise IntakeError(400, f"{field} must contain positive ids", field)
+        ids.append(item)
+    if len(set(ids)) != len(ids):
+        raise IntakeError(400, f"{field} contains duplicates", field)
+    return ids
+
+
+def document_numbers(value: Any) -> list[str]:
+    """A non-empty list of distinct document numbers, at most MAX_DOCUMENTS."""
+    field = "document_numbers"
+    if not isinstance(value, list) or not value:
+        raise IntakeError(400, f"{field} must be a non-empty list of document numbers", field)
+    if len(value) > policy.MAX_DOCUMENTS:
+        raise IntakeError(400, f"{field} may name at most {policy.MAX_DOCUMENTS} documents", field)
+    if not all(isinstance(item, str) and 0 < len(item.strip()) <= MAX_REFERENCE for item in value):
+        raise IntakeError(400, f"{field} must contain non-empty strings", field)
+    numbers = [item.strip() for item in value]
+    if len(set(numbers)) != len(numbers):
+        raise IntakeError(400, f"{field} contains duplicates", field)
+    return numbers
+
+
+def optional_text(body: dict[str, Any], field: str, limit: int) -> str | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise IntakeError(400, f"{field} must be a string", field)
+    if len(value) > limit:
+        raise IntakeError(400, f"{field} is longer than {limit} characters", field)
+    return value.strip() or None
+
+
+def optional_chat(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not CHAT_ID.match(value):
+        raise IntakeError(400, "chat must look like chat42", "chat")
+    return value
+
+
+def cancel_request(body: dict[str, Any], portal: Portal, source: str, source_ref: str | None = None) -> dict[str, Any]:
+    """Validate a cancel body into the request stored on the record (JSON values only, never a secret)."""
+    unknown = sorted(set(body) - CANCEL_FIELDS)
+    if unknown:
+        raise IntakeError(400, f"unknown field {unknown[0]!r}", unknown[0])
+    has_ids = body.get("document_ids") is not None
+    has_numbers = body.get("document_numbers") is not None
+    if has_ids and has_numbers:
+        raise IntakeError(400, "give document_ids or document_numbers, not both", "document_ids")
+    request_: dict[str, Any] = {"portal": portal.name, "source": source}
+    if has_numbers:
+        request_["document_numbers"] = document_numbers(body["document_numbers"])
+    else:
+        request_["document_ids"] = document_ids(body.get("document_ids"))
+    request_["reason"] = optional_text(body, "reason", MAX_REASON)
+    request_["external_id"] = optional_text(body, "external_id", MAX_REFERENCE)
+    request_["chat"] = optional_chat(body.get("chat"))
+    if source_ref:
+        request_["source_ref"] = source_ref
+    return request_
+
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def idempotency_key(req: Request) -> str | None:
+    """The `Idempotency-Key` header, else the Standard Webhooks `webhook-id`."""
+    key = req.headers.get("Idempotency-Key") or req.headers.get("webhook-id")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
+        raise IntakeError(400, "Idempotency-Key must be 1-200 printable ASCII characters", "Idempotency-Key")
+    return key
+
+
+def submit(svc: Services, request_: dict[str, Any], key: str | None,
+           func: str = "jobs.cancel.cancel_documents") -> Reply:
+    """Record the request and enqueue its job in one round trip: 202 when new, 200 for a repeat."""
+    request_id = records.request_id_for(request_["portal"], request_["source"], key)
+    job_id = policy.cancel_job_id(request_id) if func.endswith("cancel_documents") else policy.resolve_job_id(
+        request_id)
+    try:
+        result = svc.submitter.submit(request_id, request_, func, job_id)
+    except redis.RedisError:
+        current_app.logger.warning("redis unavailable at intake")
+        raise IntakeError(503, "the service cannot store requests right now; retry later") from None
+    body = {"request_id": request_id, "status_url": url_for("api.request_status", request_id=request_id,
+                                                            _external=False)}
+    if not result.created:
+        body["duplicate"] = True
+    return body, 202 if result.created else 200
+
+
+def remote_is_loopback() -> bool:
+    return is_loopback(request.remote_addr or "")

@@ -1,0 +1,31 @@
+"""Prometheus metrics: intake by endpoint and status (per process), queue depth (from Redis)."""
+
+from __future__ import annotations
+
+import redis
+from flask import Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from handlers.intake import Services
+from jobs import policy
+
+REGISTRY = CollectorRegistry()
+INTAKE = Counter("b24cancel_intake_requests", "Intake requests by endpoint and HTTP status",
+                 ["endpoint", "status"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge("b24cancel_queue_depth", "Jobs waiting in each RQ queue", ["queue"], registry=REGISTRY)
+
+
+def count(endpoint: str | None, status: int) -> None:
+    """Count one answered request."""
+    INTAKE.labels(endpoint or "unknown", str(status)).inc()
+
+
+def render(svc: Services) -> Response:
+    """The metrics page."""
+    try:
+        for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE):
+            QUEUE_DEPTH.labels(name).set(svc.redis.llen(f"rq:queue:{name}"))
+    except redis.RedisError:
+        pass
+    return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)

@@ -1,0 +1,1 @@
+"""What workers run: cancel, notify (and resolve for events); records, policy and the fast submit path."""

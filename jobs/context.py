@@ -1,0 +1,61 @@
+"""What a job needs besides its arguments: settings, the Redis connection and a client per portal.
+
+Built once per worker process (the config module preloads it in the worker parent); the HTTP
+client has no open connections at fork time, so each work-horse opens its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import httpx
+import redis
+from rq import get_current_job
+
+from bitrix24.client import Bitrix24Client
+from bitrix24.gate import PortalGate
+from jobs import policy
+from settings import Portal, Settings, load_settings
+
+
+@dataclass
+class WorkerContext:
+    """Settings and the per-process resources derived from them."""
+
+    settings: Settings
+    pid: int = field(default_factory=os.getpid)
+    _http: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        if self._http is None:
+            timeout = httpx.Timeout(self.settings.b24_read_timeout, connect=self.settings.b24_connect_timeout)
+            self._http = httpx.Client(timeout=timeout, follow_redirects=False)
+        return self._http
+
+    def client(self, portal: Portal, conn: redis.Redis) -> Bitrix24Client:
+        """A client for the portal, passing through the limits shared with every other worker."""
+        gate = PortalGate.for_portal(conn, portal, self.settings, max_sleep=policy.MAX_SLEEP)
+        return Bitrix24Client(portal.webhook_url, portal.name, self.http, gate)
+
+
+_context: WorkerContext | None = None
+
+
+def worker_context(settings: Settings | None = None) -> WorkerContext:
+    """This process's context, built on first use (and again after a fork, for a fresh HTTP pool)."""
+    global _context
+    if _context is None:
+        _context = WorkerContext(settings=settings or load_settings())
+    elif _context.pid != os.getpid():
+        _context = WorkerContext(settings=_context.settings)
+    return _context
+
+
+def job_connection() -> redis.Redis:
+    """The Redis connection of the job being run."""
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("not inside an RQ job")
+    return job.connection

@@ -1,0 +1,94 @@
+"""The report job: post one chat message per request, never twice.
+
+`im.message.add` is not idempotent. Before a post the record notes that a post of this round is under
+way; if that post got no answer (timeout, dropped connection, 5xx), the next attempt looks for the
+report's marker in the chat's recent messages before it posts again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from rq import Retry
+
+from bitrix24.client import Bitrix24Client
+from bitrix24.errors import Bitrix24Error, Throttled
+from jobs import policy, records, report
+from jobs.lifecycle import defer, final_failure
+from jobs.context import job_connection, worker_context
+
+log = logging.getLogger("b24cancel.jobs")
+
+# How many recent chat messages to search for an unanswered post (the report is among the newest).
+HISTORY_LIMIT = 50
+
+
+def post_report(request_id: str) -> dict[str, Any] | Retry:
+    """Post the request's report to its chat and mark the request done (or failed)."""
+    conn = job_connection()
+    record = records.load(conn, request_id)
+    if record is None:
+        return {"skipped": "record expired"}
+    round_ = int(record.get("round", 1))
+    if int(record.get("reported_round", 0)) >= round_:
+        return {"message_id": record.get("message_id"), "already": True}
+    ctx = worker_context()
+    portal = ctx.settings.portal(record["request"]["portal"])
+    if portal is None:
+        records.save(conn, request_id, state="failed", report_error="portal not configured")
+        final_failure(f"request {request_id}: portal not configured; report not posted")
+    chat = record["request"].get("chat") or portal.chat
+    tag = report.marker(request_id, round_)
+    client = ctx.client(portal, conn)
+    try:
+        message_id = None
+        if record.get("report_sent") == str(round_):
+            message_id = find_posted(client, chat, tag)
+        if message_id is None:
+            records.save(conn, request_id, report_sent=str(round_))
+            message_id = send(client, conn, request_id, chat, report.render(record, portal, round_))
+    except Throttled as wait:
+        return defer(conn, request_id, wait.until, wait.reason)
+    except Bitrix24Error as err:
+        if err.retryable:
+            failures = records.increment(conn, request_id, "report_failures")
+            if failures <= policy.TRANSIENT_RETRY_MAX:
+                return defer(conn, request_id, time.time() + policy.transient_backoff(failures), str(err))
+        advice = f" {err.advice}" if err.advice else ""
+        records.save(conn, request_id, state="failed", report_error=f"{err.code}: {err.description}.{advice}",
+                     finished_at=f"{time.time():.3f}", waiting_for="", resume_at="")
+        final_failure(f"request {request_id}: report not posted: {err}")
+    failed = any(doc.get("outcome") == "failed" for doc in record["documents"])
+    records.save(conn, request_id, message_id=str(message_id), reported_round=str(round_),
+                 state="failed" if failed else "done", finished_at=f"{time.time():.3f}",
+                 waiting_for="", resume_at="")
+    log.info("report posted", extra={"request_id": request_id, "portal": portal.name, "message_id": message_id})
+    return {"message_id": message_id}
+
+
+def send(client: Bitrix24Client, conn: redis.Redis, request_id: str, chat: str, text: str) -> int:
+    """Post the message; a refusal that provably did not run clears the in-flight note."""
+    try:
+        answer = client.call("im.message.add", {"DIALOG_ID": chat, "MESSAGE": text, "URL_PREVIEW": "N"})
+    except Bitrix24Error as err:
+        if not err.ambiguous:
+            records.save(conn, request_id, report_sent="")
+        raise
+    except Throttled:
+        records.save(conn, request_id, report_sent="")
+        raise
+    return int(answer.result)
+
+
+def find_posted(client: Bitrix24Client, chat: str, tag: str) -> int | None:
+    """The id of a message in the chat that carries the report's tag, if an earlier post did land."""
+    answer = client.call("im.dialog.messages.get", {"DIALOG_ID": chat, "LIMIT": HISTORY_LIMIT})
+    messages = answer.result.get("messages", []) if isinstance(answer.result, dict) else []
+    for message in messages:
+        text = str(message.get("text", ""))
+        if text.endswith(tag) or f"{tag} " in text or f"{tag}\n" in text:
+            return int(message["id"])
+    return None

@@ -1,0 +1,59 @@
+"""Queue names, job ids and every retry, wait and retention number the jobs use, each with its reason."""
+
+from __future__ import annotations
+
+import random
+
+CANCEL_QUEUE = "cancel"
+NOTIFY_QUEUE = "notify"
+RESOLVE_QUEUE = "cancel"  # event rules resolve on the cancel queue: same worker pool, same order of arrival
+
+# A cancel job makes a handful of HTTP calls with a 30 s read timeout each; 10 minutes is far past any
+# honest run, and short enough that a stuck job is noticed.
+JOB_TIMEOUT = 600
+# Finished jobs are only a debugging aid: the request record (its own TTL) is the source of truth.
+RESULT_TTL = 3600
+# Failed jobs stay where `rq requeue` can replay them for a week, not RQ's default of a year.
+FAILURE_TTL = 7 * 86400
+
+# Crashes and abandoned jobs (a killed worker) are retried by RQ this often, at these intervals.
+# Bitrix24 errors never use this budget: the job classifies them and reschedules itself.
+CRASH_RETRY_MAX = 3
+CRASH_RETRY_INTERVALS = [10, 60, 300]
+
+# Transient Bitrix24 failures (5xx, timeouts, dropped connections): how many reschedules before the
+# request is reported as failed, and the backoff base and cap in seconds (jittered).
+TRANSIENT_RETRY_MAX = 6
+TRANSIENT_BACKOFF_BASE = 2.0
+TRANSIENT_BACKOFF_CAP = 300.0
+# A job waiting for a limit (rate or operating budget) reschedules itself; this bounds how many
+# times, so a portal blocked for days still ends in the failed registry instead of looping forever.
+DEFER_MAX = 2000
+# Waits up to this long sleep inside the job; longer ones reschedule it through RQ's scheduler.
+MAX_SLEEP = 5.0
+
+# Documents per batch call: Bitrix24's own maximum.
+BATCH_SIZE = 50
+# Documents one request may name (the intake refuses more).
+MAX_DOCUMENTS = 500
+
+
+def cancel_job_id(request_id: str) -> str:
+    """The cancel job's id: derived from the request, so one request never has two cancel jobs."""
+    return f"cancel-{request_id}"
+
+
+def notify_job_id(request_id: str) -> str:
+    """The report job's id: one per request."""
+    return f"notify-{request_id}"
+
+
+def resolve_job_id(request_id: str) -> str:
+    """The event-resolve job's id: one per accepted event."""
+    return f"resolve-{request_id}"
+
+
+def transient_backoff(failures: int) -> int:
+    """Seconds before the next try after `failures` transient failures: exponential, half of it random (equal jitter), >= 1."""
+    ceiling = min(TRANSIENT_BACKOFF_CAP, TRANSIENT_BACKOFF_BASE * (2 ** max(failures - 1, 0)))
+    return max(1, round(random.uniform(ceiling / 2, ceiling)))

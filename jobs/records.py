@@ -1,0 +1,119 @@
+"""The request record: one Redis hash per request, written at intake and updated by the jobs.
+
+It lives `REQUEST_TTL` (a setting, 14 days by default), independent of RQ's result TTLs, and its
+existence is also the idempotency marker: the request id is derived from the idempotency key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+import redis
+
+KEY_PREFIX = "b24c:req:"
+
+State = Literal["queued", "running", "retrying", "done", "failed"]
+Outcome = Literal["cancelled", "already_not_conducted", "not_found", "refused", "failed"]
+OUTCOMES: tuple[str, ...] = ("cancelled", "already_not_conducted", "not_found", "refused", "failed")
+# Outcomes that mean the document is not conducted now, which is what the sender asked for.
+SUCCESSFUL = ("cancelled", "already_not_conducted")
+
+
+def request_key(request_id: str) -> str:
+    return KEY_PREFIX + request_id
+
+
+def request_id_for(portal: str, source: str, idempotency_key: str | None) -> str:
+    """The request id: a hash of (portal, source, key), or random when the sender gave no key."""
+    if not idempotency_key:
+        return uuid.uuid4().hex
+    digest = hashlib.sha256(f"{portal}\x00{source}\x00{idempotency_key}".encode()).hexdigest()
+    return digest[:32]
+
+
+def new_record(request: dict[str, Any], state: State = "queued") -> dict[str, str]:
+    """The hash fields written at intake."""
+    now = f"{time.time():.3f}"
+    documents = [{"id": doc_id, "outcome": None, "detail": None} for doc_id in request.get("document_ids") or []]
+    documents += [{"id": None, "number": number, "outcome": None, "detail": None}
+                  for number in request.get("document_numbers") or []]
+    return {
+        "request": json.dumps(request, separators=(",", ":")),
+        "state": state,
+        "documents": json.dumps(documents, separators=(",", ":")),
+        "attempts": "0",
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def load(conn: redis.Redis, request_id: str) -> dict[str, Any] | None:
+    """The record as Python values, or None when it does not exist (expired or never written)."""
+    raw = conn.hgetall(request_key(request_id))
+    if not raw:
+        return None
+    record: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+    for name in ("request", "documents", "resolution", "pauses"):
+        if name in record:
+            record[name] = json.loads(record[name])
+    for name in ("attempts", "transient_failures", "deferrals"):
+        record[name] = int(record.get(name, 0))
+    record["id"] = request_id
+    return record
+
+
+def save(conn: redis.Redis, request_id: str, **fields: Any) -> None:
+    """Update fields of an existing record (JSON for structures); refreshes updated_at."""
+    mapping = {name: value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+               for name, value in fields.items() if value is not None}
+    mapping["updated_at"] = f"{time.time():.3f}"
+    conn.hset(request_key(request_id), mapping=mapping)
+
+
+def increment(conn: redis.Redis, request_id: str, name: str) -> int:
+    """Atomically add one to a counter field and return the new value."""
+    return int(conn.hincrby(request_key(request_id), name, 1))
+
+
+def iso(ts: str | float | None) -> str | None:
+    """A unix time as ISO 8601 UTC, for answers a person reads."""
+    if ts in (None, ""):
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(ts)))  # type: ignore[arg-type]
+
+
+def public_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as the status API shows it: no secrets, times in ISO 8601."""
+    request = record["request"]
+    view: dict[str, Any] = {
+        "request_id": record["id"],
+        "state": record["state"],
+        "portal": request.get("portal"),
+        "source": request.get("source"),
+        "source_ref": request.get("source_ref"),
+        "reason": request.get("reason"),
+        "external_id": request.get("external_id"),
+        "documents": [{k: v for k, v in doc.items() if k in ("id", "number", "outcome", "detail", "title",
+                                                             "docType")}
+                      for doc in record["documents"]],
+        "message_id": int(record["message_id"]) if record.get("message_id") else None,
+        "attempts": record["attempts"],
+        "created_at": iso(record.get("created_at")),
+        "updated_at": iso(record.get("updated_at")),
+        "finished_at": iso(record.get("finished_at")),
+    }
+    if record.get("resume_at"):
+        view["resume_at"] = iso(record["resume_at"])
+    if record.get("waiting_for"):
+        view["waiting_for"] = record["waiting_for"]
+    if record.get("error"):
+        view["error"] = record["error"]
+    if record.get("report_error"):
+        view["report_error"] = record["report_error"]
+    if "resolution" in record:
+        view["resolution"] = record["resolution"]
+    return view

@@ -1,0 +1,19 @@
+"""The worker class the Procfile runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rq.job import Job
+from rq.worker import HerokuWorker
+
+from jobs.hooks import report_lost_job
+
+
+class CancelWorker(HerokuWorker):
+    """RQ's HerokuWorker (a SIGTERM lets the job fail into its retry at once) that also reports
+    work-horses killed by a signal, which RQ does not pass to exception handlers or callbacks."""
+
+    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+        report_lost_job(job, f"work-horse killed (wait status {ret_val})")
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)

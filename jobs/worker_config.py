@@ -1,0 +1,33 @@
+"""`rq worker -c jobs.worker_config`: settings, Sentry and logging, and the job modules preloaded.
+
+Importing the job code here, in the worker parent, means each forked work-horse starts with it
+loaded instead of importing httpx, pydantic and our modules again for every job.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import observability
+from settings import SettingsError, load_settings
+
+try:
+    _settings = load_settings()
+except SettingsError as exc:
+    print(exc, file=sys.stderr)
+    raise SystemExit(2) from None
+
+if not _settings.redis_url:
+    print("invalid configuration:\n  REDIS_URL: required by the worker (make run sets it for you)", file=sys.stderr)
+    raise SystemExit(2)
+
+observability.init(_settings, component="worker")
+
+import jobs.cancel  # noqa: E402,F401  preload for the work-horses
+import jobs.notify  # noqa: E402,F401
+from jobs.context import worker_context  # noqa: E402
+
+worker_context(_settings)
+
+REDIS_URL = _settings.redis_url
+QUEUES = ["cancel", "notify"]
