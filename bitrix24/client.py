@@ -34,8 +34,6 @@ BATCH_MAX = 50
 # A QUERY_LIMIT_EXCEEDED means the portal did not run the call, so it is sent again after the
 # limiter's wait; this many times in one call before the error goes up to the job.
 RATE_LIMIT_RESENDS = 4
-# Without an operating_reset_at in the answer, pause a blocked method this long (one bucket of the window).
-DEFAULT_OPERATING_PAUSE = 60.0
 
 
 class Gate(Protocol):
@@ -50,7 +48,7 @@ class Gate(Protocol):
     def rate_limited(self) -> None:
         """The portal answered QUERY_LIMIT_EXCEEDED despite us: slow down."""
 
-    def operating_limited(self, method: str, reset_at: float) -> None:
+    def operating_limited(self, method: str, reset_at: float | None) -> None:
         """The portal answered OPERATION_TIME_LIMIT for this method: pause it."""
 
 
@@ -130,7 +128,7 @@ class Bitrix24Client:
             method = commands[key][0] if key in commands else "batch"
             errors[key] = classify(str(err.get("error", "")), str(err.get("error_description", "")), None, method)
             if errors[key].code == OPERATING_LIMITED and self.gate:
-                self.gate.operating_limited(method, time.time() + DEFAULT_OPERATING_PAUSE)
+                self.gate.operating_limited(method, None)
         if self.gate:
             for key, timing in timings.items():
                 if key in commands:
@@ -149,7 +147,7 @@ class Bitrix24Client:
                     continue
                 if err.code == OPERATING_LIMITED and self.gate:
                     for name in methods:
-                        self.gate.operating_limited(name, err.reset_at or time.time() + DEFAULT_OPERATING_PAUSE)
+                        self.gate.operating_limited(name, err.reset_at)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -68,8 +68,8 @@ class PortalGate:
         log.warning("portal answered QUERY_LIMIT_EXCEEDED; slowing down", extra={"portal": self.portal})
         self.bucket.penalize(PENALTY_SECONDS)
 
-    def operating_limited(self, method: str, reset_at: float) -> None:
-        """The portal blocked the method: pause it until the reset."""
+    def operating_limited(self, method: str, reset_at: float | None) -> None:
+        """The portal blocked the method: pause it until the reset (the last known one when not given)."""
         pause = self.budget.pause(method, reset_at)
         if pause.new:
             log.warning("portal method paused", extra={"portal": self.portal, "method": method,

@@ -1,0 +1,119 @@
+"""Pure logic: settings validation, masking, query encoding, error classes, the report text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+import observability
+from bitrix24.client import Bitrix24Client, php_query
+from bitrix24.errors import Bitrix24Error
+from jobs import report
+from settings import Portal, SettingsError, load_settings, mask_webhook_url
+
+WEBHOOK = "https://example.bitrix24.com/rest/1/abc123secret/"
+
+
+def test_settings_name_every_bad_value_on_its_own_line() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(_env_file=None, b24_webhook_url="ftp://x/rest/1/a/", b24_language="de",
+                      trigger_secrets="notwhsec", b24_chat_id="general")
+    text = str(info.value)
+    for name in ("B24_WEBHOOK_URL", "B24_LANGUAGE", "TRIGGER_SECRETS", "B24_CHAT_ID"):
+        assert name in text
+    assert "abc" not in text
+
+
+def test_plain_http_is_only_for_loopback() -> None:
+    assert load_settings(_env_file=None, b24_webhook_url="http://127.0.0.1:8765/rest/1/sandbox",
+                         b24_chat_id="chat1").portal(None) is not None
+    with pytest.raises(SettingsError, match="https"):
+        load_settings(_env_file=None, b24_webhook_url="http://example.com/rest/1/code/", b24_chat_id="chat1")
+
+
+def test_chat_is_required_with_a_webhook() -> None:
+    with pytest.raises(SettingsError, match="B24_CHAT_ID"):
+        load_settings(_env_file=None, b24_webhook_url=WEBHOOK)
+
+
+def test_webhook_urls_are_masked() -> None:
+    assert mask_webhook_url(WEBHOOK) == "https://example.bitrix24.com/rest/1/****/"
+    assert observability.mask(f"calling {WEBHOOK}catalog.document.cancel") == \
+        "calling https://example.bitrix24.com/rest/1/****/catalog.document.cancel"
+    assert "whsec_" not in observability.mask("secret whsec_QUJDREVG is here")
+    assert observability.mask("Authorization: Bearer abc.def") == "Authorization: Bearer ****"
+
+
+def test_php_query_matches_http_build_query() -> None:
+    assert php_query({"id": 5}) == "id=5"
+    assert php_query({"filter": {"@id": [1, 2]}, "select": ["id"]}) == \
+        "filter[%40id][0]=1&filter[%40id][1]=2&select[0]=id"
+    assert php_query({"MESSAGE": "a&b=c #1"}) == "MESSAGE=a%26b%3Dc%20%231"
+
+
+def fake_client(status: int, body: Any) -> Bitrix24Client:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if isinstance(body, Exception):
+            raise body
+        return httpx.Response(status, json=body) if not isinstance(body, str) else httpx.Response(status, text=body)
+
+    return Bitrix24Client(WEBHOOK, "p", httpx.Client(transport=httpx.MockTransport(handler)))
+
+
+@pytest.mark.parametrize("status, body, code, retryable, ambiguous", [
+    (400, {"error": "0", "error_description": "Документ еще не проведен"}, "0", False, False),
+    (503, {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"}, "QUERY_LIMIT_EXCEEDED", True,
+     False),
+    (429, {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"}, "QUERY_LIMIT_EXCEEDED", True,
+     False),
+    (429, {"error": "OPERATION_TIME_LIMIT", "error_description": "blocked"}, "OPERATION_TIME_LIMIT", True, False),
+    (500, {"error": "INTERNAL_SERVER_ERROR", "error_description": "x"}, "INTERNAL_SERVER_ERROR", True, True),
+    (502, "<html>Bad gateway</html>", "BAD_ANSWER", True, True),
+    (401, {"error": "NO_AUTH_FOUND", "error_description": "Wrong authorization data"}, "NO_AUTH_FOUND", False, False),
+    (403, {"error": "insufficient_scope", "error_description": "x"}, "insufficient_scope", False, False),
+    (503, {"error": "OVERLOAD_LIMIT", "error_description": "x"}, "OVERLOAD_LIMIT", False, False),
+    (403, {"error": "PORTAL_DELETED", "error_description": "x"}, "PORTAL_DELETED", False, False),
+    (0, httpx.ReadTimeout("t"), "TRANSPORT_TIMEOUT", True, True),
+    (0, httpx.RemoteProtocolError("closed"), "TRANSPORT_DROPPED", True, True),
+    (0, httpx.ConnectError("refused"), "TRANSPORT_CONNECT", True, False),
+])
+def test_answers_are_classified_by_code_then_status(status: int, body: Any, code: str, retryable: bool,
+                                                   ambiguous: bool) -> None:
+    with pytest.raises(Bitrix24Error) as info:
+        fake_client(status, body).call("catalog.document.cancel", {"id": 1})
+    err = info.value
+    assert (err.code, err.retryable, err.ambiguous) == (code, retryable, ambiguous)
+    assert "abc123secret" not in str(err)
+
+
+def test_success_envelope_is_read() -> None:
+    answer = fake_client(200, {"result": {"documents": []}, "time": {"operating": 1.5}, "total": 0}).call("x")
+    assert answer.result == {"documents": []}
+    assert answer.time["operating"] == 1.5
+    assert answer.total == 0
+
+
+def record(outcomes: list[tuple[int, str]], **request: Any) -> dict[str, Any]:
+    return {"id": "r" * 32, "request": {"portal": "default", "source": "api", **request},
+            "documents": [{"id": i, "outcome": o, "detail": "why" if o != "cancelled" else None, "title": f"T{i}",
+                           "docType": "R"} for i, o in outcomes]}
+
+
+def test_report_names_every_document_with_a_link_and_carries_the_request_id() -> None:
+    portal = Portal(name="default", webhook_url=WEBHOOK, chat="chat1")
+    text = report.render(record([(1, "cancelled"), (2, "refused")], reason="RMA [b]x[/b]"), portal)
+    assert "[url=https://example.bitrix24.com/shop/documents/details/1/]#1 T1[/url]" in text
+    assert "refused" in text and "What to do" in text
+    assert "RMA (b)x(/b)" in text  # outside text cannot inject BB codes
+    assert text.rstrip().endswith("#" + "r" * 32)
+    assert "abc123secret" not in text
+
+
+def test_report_speaks_russian_and_stays_under_the_message_limit() -> None:
+    portal = Portal(name="default", webhook_url=WEBHOOK, chat="chat1", language="ru")
+    text = report.render(record([(i, "failed") for i in range(1, 501)], reason="x" * 900), portal)
+    assert "Не удалось" in text
+    assert len(text) < 20_000
+    assert "ещё" in text
