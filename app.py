@@ -40,10 +40,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         verifiers=[Webhook(secret) for secret in settings.webhook_secrets],
     )
 
-    from handlers import api, health, robot
+    from handlers import api, events, health, robot
 
     app.register_blueprint(api.bp)
     app.register_blueprint(robot.bp)
+    app.register_blueprint(events.bp)
     app.register_blueprint(health.bp)
     register_errors(app)
     return app

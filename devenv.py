@@ -162,6 +162,16 @@ def start_worker(env: dict[str, str], log: Path | None = None, burst: bool = Fal
     return _spawn("worker", worker_argv(burst=burst), env=env, log=log)
 
 
+def start_web(env: dict[str, str], log: Path | None = None) -> Process:
+    """Start the web process as the Procfile does (gunicorn), on env's HOST and PORT, and wait for it."""
+    argv = [str(Path(sys.executable).with_name("gunicorn")), "-c", str(ROOT / "gunicorn.conf.py"), "app:app"]
+    proc = _spawn("web", argv, env=env, log=log)
+    host, port = env.get("HOST", "127.0.0.1"), int(env.get("PORT", WEB_PORT))
+    proc.url = f"http://{host}:{port}"
+    wait_for_port(proc, host, port)
+    return proc
+
+
 def run() -> int:
     """`make run`: embedded Redis and the sandbox when nothing is configured, then web and worker."""
     env = os.environ.copy()

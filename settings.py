@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import tomllib
 from dataclasses import dataclass, field
-from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The portal name that the single-portal variables (B24_*) define.
@@ -79,6 +80,11 @@ class Portal:
         return mask_webhook_url(self.webhook_url)
 
     @property
+    def domain_name(self) -> str:
+        """The portal's host (with port), as Bitrix24 sends it in auth[domain]."""
+        return urlsplit(self.webhook_url).netloc
+
+    @property
     def origin(self) -> str:
         """scheme://host[:port] of the portal, for links a person clicks."""
         parts = urlsplit(self.webhook_url)
@@ -103,6 +109,8 @@ class Settings(BaseSettings):
     b24_plan: Literal["standard", "enterprise"] = "standard"
     b24_member_id: str | None = None
     b24_domain: str | None = None
+    # Many portals: a TOML file with one [portals.<name>] section each (instead of the B24_* variables).
+    b24_portals_file: str | None = None
 
     # Limits: overrides of the plan's rate and burst, and the share of the burst we use.
     b24_rate_limit: float | None = None
@@ -168,17 +176,33 @@ class Settings(BaseSettings):
     def request_ttl(self) -> int:
         return self.request_ttl_days * 86400
 
-    @cached_property
+    _portals: dict[str, Portal] = PrivateAttr(default_factory=dict)
+
+    @property
     def portals(self) -> dict[str, Portal]:
         """The configured portals by name."""
-        if not self.b24_webhook_url:
-            return {}
-        return {DEFAULT_PORTAL: Portal(
-            name=DEFAULT_PORTAL, webhook_url=self.b24_webhook_url, chat=self.b24_chat_id or "",
-            application_token=self.b24_application_token, robot_secret=self.b24_robot_secret,
-            language=self.b24_language, plan=self.b24_plan,
-            member_id=self.b24_member_id, domain=self.b24_domain,
-        )}
+        return self._portals
+
+    def _build_portals(self) -> None:
+        if self.b24_portals_file:
+            self._portals = portals_from_file(Path(self.b24_portals_file))
+        elif self.b24_webhook_url:
+            self._portals = {DEFAULT_PORTAL: Portal(
+                name=DEFAULT_PORTAL, webhook_url=self.b24_webhook_url, chat=self.b24_chat_id or "",
+                application_token=self.b24_application_token, robot_secret=self.b24_robot_secret,
+                language=self.b24_language, plan=self.b24_plan,
+                member_id=self.b24_member_id, domain=self.b24_domain,
+            )}
+
+    def portal_for_event(self, member_id: str | None, domain: str | None) -> Portal | None:
+        """The portal an outgoing event comes from, by member_id, else by domain."""
+        for portal in self._portals.values():
+            if member_id and portal.member_id and member_id == portal.member_id:
+                return portal
+        for portal in self._portals.values():
+            if domain and domain.lower() in {portal.domain_name.lower(), (portal.domain or "").lower()}:
+                return portal
+        return None
 
     def portal(self, name: str | None) -> Portal | None:
         """The portal by name; with no name, the only portal when exactly one is configured."""
@@ -203,8 +227,118 @@ def load_settings(**overrides: Any) -> Settings:
             lines.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     problems = []
+    if settings.b24_portals_file and settings.b24_webhook_url:
+        problems.append("B24_PORTALS_FILE and B24_WEBHOOK_URL: set one or the other, not both")
     if settings.b24_webhook_url and not settings.b24_chat_id:
         problems.append("B24_CHAT_ID: required with B24_WEBHOOK_URL (the chat that receives the reports)")
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+    settings._build_portals()
     return settings
+
+
+class RuleConfig(BaseModel):
+    """One event rule: which event, what to read, when it matches, where the documents are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event: str
+    read: str
+    params: dict[str, Any] = {}
+    when: dict[str, str | int | list[str | int]] = {}
+    documents_field: str | None = None
+    documents_by: dict[str, str] | None = None
+    reason: str = "{event} {id}"
+
+    @field_validator("event")
+    @classmethod
+    def _event(cls, value: str) -> str:
+        return value.strip().upper()
+
+    @model_validator(mode="after")
+    def _documents(self) -> RuleConfig:
+        if (self.documents_field is None) == (self.documents_by is None):
+            raise ValueError("give exactly one of documents_field or documents_by")
+        if self.documents_by is not None and set(self.documents_by) != {"docNumber"}:
+            raise ValueError("documents_by looks documents up by docNumber only: {docNumber = \"{field}\"}")
+        return self
+
+
+class PortalConfig(BaseModel):
+    """One [portals.<name>] section of the portals file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhook_url: str
+    chat: str
+    application_token: str | None = None
+    member_id: str | None = None
+    domain: str | None = None
+    plan: Literal["standard", "enterprise"] = "standard"
+    language: Literal["en", "ru"] = "en"
+    robot_secret: str | None = None
+    rules: list[RuleConfig] = []
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, value: str) -> str:
+        return check_webhook_url(value)
+
+    @field_validator("chat")
+    @classmethod
+    def _chat(cls, value: str) -> str:
+        if not CHAT_ID.match(value):
+            raise ValueError("must be a chat like chat42 (or sg42, or a user id)")
+        return value
+
+
+PORTAL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def portals_from_file(path: Path) -> dict[str, Portal]:
+    """Read the portals file; raise SettingsError with one line per problem (never a secret value)."""
+    where = f"B24_PORTALS_FILE ({path})"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"invalid configuration:\n  {where}: cannot read it: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"invalid configuration:\n  {where}: not valid TOML (a name defined twice?): "
+                            f"{exc}") from None
+    problems: list[str] = []
+    unknown = sorted(set(data) - {"portals"})
+    if unknown:
+        problems.append(f"{where}: unknown top-level key {unknown[0]!r} (expected [portals.<name>] sections)")
+    sections = data.get("portals") or {}
+    if not isinstance(sections, dict) or not sections:
+        problems.append(f"{where}: no [portals.<name>] section")
+        sections = {}
+    portals: dict[str, Portal] = {}
+    seen: dict[str, str] = {}
+    for name, section in sections.items():
+        if not PORTAL_NAME.match(name):
+            problems.append(f"{where}: portal name {name!r} must be letters, digits, - or _")
+            continue
+        if name.lower() in seen:
+            problems.append(f"{where}: portal {name!r} duplicates {seen[name.lower()]!r}")
+            continue
+        seen[name.lower()] = name
+        try:
+            config = PortalConfig.model_validate(section)
+        except ValidationError as exc:
+            for error in exc.errors():
+                loc = ".".join(str(part) for part in error["loc"])
+                message = error["msg"].removeprefix("Value error, ")
+                if error["type"] == "extra_forbidden":
+                    message = "unknown key"
+                problems.append(f"{where}: portals.{name}.{loc}: {message}")
+            continue
+        portals[name] = Portal(
+            name=name, webhook_url=config.webhook_url, chat=config.chat,
+            application_token=config.application_token, robot_secret=config.robot_secret,
+            language=config.language, plan=config.plan, member_id=config.member_id, domain=config.domain,
+            rules=tuple(rule.model_dump() for rule in config.rules),
+        )
+    if problems:
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+    return portals

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import redis
 from flask import Blueprint, request
+
 
 from handlers.intake import (
     IntakeError,
@@ -13,6 +15,7 @@ from handlers.intake import (
     authenticate_trigger,
     cancel_request,
     choose_portal,
+    held_back,
     idempotency_key,
     parse_json_object,
     services,
@@ -50,3 +53,21 @@ def request_status(request_id: str) -> Reply:
     if record is None:
         raise IntakeError(404, "no such request (unknown, or older than the retention period)")
     return records.public_view(record), 200
+
+
+@bp.get("/v1/portals")
+def portals() -> Reply:
+    """The configured portals with their health: names, masked URLs, chats and any limit holding them back."""
+    svc = services()
+    authenticate_trigger(request, svc)
+    listed = []
+    for portal in svc.settings.portals.values():
+        entry = portal.public()
+        entry["rules"] = len(portal.rules)
+        try:
+            entry["held_back"] = held_back(svc, portal.name)
+        except redis.RedisError:
+            entry["held_back"] = None
+        listed.append(entry)
+    return {"portals": listed}, 200
+

@@ -6,7 +6,7 @@ import redis
 from flask import Blueprint, Response
 from rq import Worker
 
-from handlers.intake import Reply, services
+from handlers.intake import Reply, held_back, services
 from jobs import policy
 
 bp = Blueprint("health", __name__)
@@ -26,9 +26,12 @@ def readyz() -> Reply:
         svc.redis.ping()
         workers = Worker.count(connection=svc.redis)
         depth = {name: svc.redis.llen(f"rq:queue:{name}") for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE)}
+        holds = {name: hold for name in svc.settings.portals
+                 if (hold := held_back(svc, name))["paused_methods"] or hold["slowed_until"]}
     except redis.RedisError:
         return {"status": "unavailable", "redis": "unreachable"}, 503
-    return {"status": "ready", "redis": "ok", "workers": workers, "queue_depth": depth}, 200
+    return {"status": "ready", "redis": "ok", "workers": workers, "queue_depth": depth,
+            "portals_held_back": holds}, 200
 
 
 @bp.get("/metrics")

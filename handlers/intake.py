@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from flask import Request, current_app, request, url_for
+from flask import Request, current_app, url_for
 from standardwebhooks.webhooks import Webhook
 
+from bitrix24.limits import LeakyBucket, OperatingBudget
 from jobs import policy, records
 from jobs.enqueue import Submitter
 from settings import CHAT_ID, Portal, Settings, is_loopback
@@ -226,5 +227,11 @@ def submit(svc: Services, request_: dict[str, Any], key: str | None,
     return body, 202 if result.created else 200
 
 
-def remote_is_loopback() -> bool:
-    return is_loopback(request.remote_addr or "")
+def held_back(svc: Services, portal: str) -> dict[str, Any]:
+    """Whether the shared limits hold a portal back now, and until when (ISO 8601)."""
+    budget = OperatingBudget(svc.redis, portal)
+    bucket = LeakyBucket(svc.redis, portal, rate=1.0, capacity=1.0)
+    paused = {method: records.iso(until) for method, until in budget.pauses().items()}
+    state = bucket.state()
+    slowed = records.iso(state["slowed_until"]) if state["slowed"] else None
+    return {"paused_methods": paused, "slowed_until": slowed}

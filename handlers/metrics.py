@@ -29,3 +29,12 @@ def render(svc: Services) -> Response:
     except redis.RedisError:
         pass
     return Response(generate_latest(REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+
+
+EVENTS = Counter("b24cancel_events", "Bitrix24 events by portal, event and what became of them",
+                 ["portal", "event", "result"], registry=REGISTRY)
+
+
+def count_event(portal: str, event: str, result: str) -> None:
+    """Count one received Bitrix24 event."""
+    EVENTS.labels(portal, event, result).inc()

@@ -25,6 +25,7 @@ observability.init(_settings, component="worker")
 
 import jobs.cancel  # noqa: E402,F401  preload for the work-horses
 import jobs.notify  # noqa: E402,F401
+import jobs.resolve  # noqa: E402,F401
 from jobs.context import worker_context  # noqa: E402
 
 worker_context(_settings)

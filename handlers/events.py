@@ -1,0 +1,59 @@
+"""Bitrix24 outgoing events: POST /v1/bitrix24/events (form-encoded, PHP-style keys).
+
+The portal is found by auth[member_id] or auth[domain]; auth[application_token] is compared in constant
+time with that portal's token. Unknown portal and wrong token get the same 401, so portals cannot be
+probed. Nothing here calls Bitrix24: a matching event becomes a resolve job that reads the object and
+applies the portal's rules.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flask import Blueprint, request
+
+from handlers.intake import IntakeError, Reply, constant_time_in, services, submit
+from handlers.metrics import count_event
+
+bp = Blueprint("events", __name__)
+
+OBJECT_ID = re.compile(r"^\d{1,18}$")
+EVENT_NAME = re.compile(r"^[A-Z0-9_.]{1,100}$")
+# Compared against when the portal is unknown, so both refusals take the same time.
+NO_TOKEN = "\x00no-portal\x00"
+UNAUTHORIZED = "unknown portal or wrong application token"
+
+
+@bp.post("/v1/bitrix24/events")
+def event() -> Reply:
+    """Accept an outgoing event: token -> rules for the event -> resolve job -> 200."""
+    svc = services()
+    if request.mimetype != "application/x-www-form-urlencoded":
+        raise IntakeError(415, "Bitrix24 events are form-encoded (application/x-www-form-urlencoded)")
+    form = request.form
+    member_id, domain = form.get("auth[member_id]"), form.get("auth[domain]")
+    portal = svc.settings.portal_for_event(member_id, domain)
+    expected = portal.application_token if portal is not None else None
+    token_ok = constant_time_in(form.get("auth[application_token]", ""), [expected or NO_TOKEN])
+    if portal is None or not expected or not token_ok:
+        raise IntakeError(401, UNAUTHORIZED)
+    if (portal.member_id and member_id != portal.member_id) or (
+            portal.domain and (domain or "").lower() != portal.domain.lower()):
+        raise IntakeError(401, UNAUTHORIZED)
+    name = form.get("event", "").strip().upper()
+    object_id = form.get("data[FIELDS][ID]", "").strip()
+    if not EVENT_NAME.match(name):
+        raise IntakeError(400, "event is missing or malformed", "event")
+    if not OBJECT_ID.match(object_id):
+        raise IntakeError(400, "data[FIELDS][ID] must be an object id", "data[FIELDS][ID]")
+    if not any(rule["event"] == name for rule in portal.rules):
+        count_event(portal.name, name, "no_rule")
+        return {"status": "ignored", "message": f"no rule for {name} on portal {portal.name}"}, 200
+    ts = form.get("ts", "")
+    request_: dict[str, Any] = {"portal": portal.name, "source": "event", "event": name,
+                                "object_id": int(object_id), "ts": ts,
+                                "event_handler_id": form.get("event_handler_id")}
+    body, status = submit(svc, request_, f"{name}|{object_id}|{ts}", func="jobs.resolve.resolve_event")
+    count_event(portal.name, name, "accepted" if status == 202 else "repeat")
+    return body, 200  # Bitrix24's queue expects 200

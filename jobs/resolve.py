@@ -1,0 +1,162 @@
+"""The resolve job: turn a Bitrix24 event into documents to cancel, by the portal's rules.
+
+No Bitrix24 event names an inventory document; events carry an object id (a deal, a shipment). A
+rule says which method reads the object, which field values make it match, and where the documents
+are: a field holding ids, or a lookup by document number. What was read and why it matched (or not)
+is recorded on the request, so its status explains every document.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from rq import Queue, Retry
+from rq.serializers import JSONSerializer
+
+from bitrix24.errors import Bitrix24Error, Throttled
+from jobs import policy, records
+from jobs.context import job_connection, worker_context
+from jobs.enqueue import ON_FAILURE
+from jobs.lifecycle import defer, final_failure
+
+log = logging.getLogger("b24cancel.jobs")
+
+# Objects' fields worth keeping on the record when they are not named by a rule (ids and stages).
+KEEP_FIELDS = ("id", "title", "stageId", "categoryId", "deducted", "accountNumber", "orderId")
+
+
+def resolve_event(request_id: str) -> dict[str, Any] | Retry:
+    """Read the event's object, apply the rules, and hand the documents to the cancel job."""
+    conn = job_connection()
+    record = records.load(conn, request_id)
+    if record is None:
+        return {"skipped": "record expired"}
+    if record.get("resolution"):
+        return continue_with(conn, request_id, record)
+    request = record["request"]
+    ctx = worker_context()
+    portal = ctx.settings.portal(request["portal"])
+    if portal is None:
+        records.save(conn, request_id, state="failed", error="portal not configured")
+        final_failure(f"request {request_id}: portal {request['portal']!r} is not configured")
+    client = ctx.client(portal, conn)
+    records.save(conn, request_id, state="running")
+    records.increment(conn, request_id, "attempts")
+    checks: list[dict[str, Any]] = []
+    try:
+        for index, rule in enumerate(portal.rules):
+            if rule["event"] != request["event"]:
+                continue
+            obj = read_object(client, rule, request["object_id"])
+            check = evaluate(rule, obj, index)
+            checks.append(check)
+            if check["matched"]:
+                documents(client, rule, obj, check)
+                break
+    except Throttled as wait:
+        return defer(conn, request_id, wait.until, wait.reason)
+    except Bitrix24Error as err:
+        if err.retryable:
+            failures = records.increment(conn, request_id, "transient_failures")
+            if failures <= policy.TRANSIENT_RETRY_MAX:
+                return defer(conn, request_id, time.time() + policy.transient_backoff(failures), str(err))
+        records.save(conn, request_id, state="failed", error=f"reading the event's object: {err}",
+                     finished_at=f"{time.time():.3f}", resolution={"event": request["event"],
+                                                                   "object_id": request["object_id"],
+                                                                   "rules": checks, "error": str(err)})
+        final_failure(f"request {request_id}: {err}")
+    matched = next((check for check in checks if check["matched"]), None)
+    resolution = {"event": request["event"], "object_id": request["object_id"], "rules": checks,
+                  "matched_rule": matched["rule"] if matched else None,
+                  "link_key": matched["link_key"] if matched else None}
+    record["resolution"] = resolution
+    docs: list[dict[str, Any]] = []
+    if matched:
+        docs = [{"id": doc_id, "outcome": None, "detail": None} for doc_id in matched.get("document_ids", [])]
+        docs += [{"id": None, "number": number, "outcome": None, "detail": None}
+                 for number in matched.get("document_numbers", [])]
+        request["reason"] = matched["reason"]
+    records.save(conn, request_id, resolution=resolution, documents=docs, request=request)
+    return continue_with(conn, request_id, records.load(conn, request_id) or record)
+
+
+def continue_with(conn: Any, request_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    """After resolution: enqueue the cancel job, or end the request when there is nothing to cancel."""
+    if not record["documents"]:
+        records.save(conn, request_id, state="done", finished_at=f"{time.time():.3f}")
+        why = "no rule matched" if record["resolution"].get("matched_rule") is None else "the rule found no document"
+        log.info("event needs no cancel", extra={"request_id": request_id, "why": why})
+        return {"documents": 0, "why": why}
+    queue = Queue(policy.CANCEL_QUEUE, connection=conn, serializer=JSONSerializer)
+    queue.enqueue("jobs.cancel.cancel_documents", request_id, job_id=policy.cancel_job_id(request_id),
+                  job_timeout=policy.JOB_TIMEOUT, result_ttl=policy.RESULT_TTL, failure_ttl=policy.FAILURE_TTL,
+                  retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS),
+                  on_failure=ON_FAILURE)
+    records.save(conn, request_id, state="queued")
+    return {"documents": len(record["documents"])}
+
+
+def read_object(client: Any, rule: dict[str, Any], object_id: int) -> dict[str, Any]:
+    """Call the rule's read method with its params and the object id; unwrap {"item": {...}} shapes."""
+    answer = client.call(rule["read"], {**rule.get("params", {}), "id": object_id})
+    result = answer.result
+    if isinstance(result, dict) and len(result) == 1:
+        (inner,) = result.values()
+        if isinstance(inner, dict):
+            result = inner
+    return result if isinstance(result, dict) else {}
+
+
+def evaluate(rule: dict[str, Any], obj: dict[str, Any], index: int) -> dict[str, Any]:
+    """Whether every `when` field matches one of its values; each check recorded."""
+    fields: dict[str, Any] = {}
+    matched = True
+    for name, expected in (rule.get("when") or {}).items():
+        allowed = expected if isinstance(expected, list) else [expected]
+        value = obj.get(name)
+        ok = str(value) in {str(item) for item in allowed}
+        fields[name] = {"value": value, "expected": allowed, "ok": ok}
+        matched = matched and ok
+    link_key = rule["read"] + (f":{rule['params']['entityTypeId']}" if "entityTypeId" in rule.get("params", {})
+                               else "")
+    kept = {name: obj.get(name) for name in KEEP_FIELDS if name in obj}
+    return {"rule": index, "read": rule["read"], "object": kept, "when": fields, "matched": matched,
+            "link_key": link_key}
+
+
+def documents(client: Any, rule: dict[str, Any], obj: dict[str, Any], check: dict[str, Any]) -> None:
+    """Fill the check with the documents the rule points at, and the reason text."""
+    values = {**{k: v for k, v in obj.items() if isinstance(v, (str, int, float))}, "event": rule["event"]}
+    check["reason"] = safe_format(rule.get("reason") or "{event} {id}", values)
+    if rule.get("documents_field"):
+        raw = obj.get(rule["documents_field"])
+        items = raw if isinstance(raw, list) else [raw] if raw not in (None, "", 0, "0") else []
+        ids = []
+        for item in items:
+            try:
+                doc_id = int(item)
+            except (TypeError, ValueError):
+                continue
+            if doc_id > 0 and doc_id not in ids:
+                ids.append(doc_id)
+        check["document_ids"] = ids[:policy.MAX_DOCUMENTS]
+        check["documents_from"] = {"field": rule["documents_field"], "value": raw}
+        return
+    numbers = [safe_format(template, values) for template in (rule.get("documents_by") or {}).values()]
+    check["document_numbers"] = [number for number in numbers if number]
+    check["documents_from"] = {"by": rule.get("documents_by")}
+
+
+def safe_format(template: str, values: dict[str, Any]) -> str:
+    """str.format with missing names left empty, never an exception."""
+
+    class Missing(dict[str, Any]):
+        def __missing__(self, key: str) -> str:
+            return ""
+
+    try:
+        return template.format_map(Missing(values))
+    except (ValueError, IndexError, AttributeError):
+        return template
