@@ -86,7 +86,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Our loggers (and RQ's) write masked one-line records to stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter())
-    for name in ("b24cancel", "rq.worker"):
+    for name in ("b24cancel", "rq.worker", "rq.scheduler"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)

@@ -6,6 +6,7 @@ loaded instead of importing httpx, pydantic and our modules again for every job.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import observability
@@ -29,6 +30,9 @@ import jobs.resolve  # noqa: E402,F401
 from jobs.context import worker_context  # noqa: E402
 
 worker_context(_settings)
+for _portal in _settings.portals.values():
+    logging.getLogger("b24cancel.worker").info("portal", extra={"portal": _portal.name, "url": _portal.masked_url,
+                                                                "chat": _portal.chat, "rules": len(_portal.rules)})
 
 REDIS_URL = _settings.redis_url
 QUEUES = ["cancel", "notify"]

@@ -184,7 +184,7 @@ def stack(redis_proc: devenv.Process, sandbox: devenv.Process, tmp_path: Path) -
 
 
 def member_id(sandbox: devenv.Process) -> str:
-    return str(httpx.get(f"{sandbox.url}/_sandbox/info", timeout=5).json()["member_id"])
+    return str(httpx.get(f"{sandbox.url}/_sandbox/config", timeout=5).json()["member_id"])
 
 
 def fire(portal: SandboxView, url: str, event: str, object_id: int, ts: int | None = None,

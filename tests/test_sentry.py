@@ -102,7 +102,7 @@ def test_permanently_failed_job_sends_exactly_one_event_without_secrets(
     everything = b"".join(sink.raw) + log.read_bytes()
     assert b"/rest/1/sandbox/" not in everything
     assert API_KEY.encode() not in everything
-    assert b"/rest/1/****/" in log.read_bytes()  # the client's call log shows the masked URL form
+    assert b"/rest/1/****/" in log.read_bytes()  # the worker names its portal by the masked URL
 
 
 def test_unhandled_web_error_sends_one_event(redis_proc: devenv.Process, sink: EnvelopeSink,
