@@ -175,6 +175,8 @@ def start_web(env: dict[str, str], log: Path | None = None) -> Process:
 def run() -> int:
     """`make run`: embedded Redis and the sandbox when nothing is configured, then web and worker."""
     env = os.environ.copy()
+    # The Procfile names gunicorn and rq: make them the ones in this virtualenv.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     started: list[Process] = []
     try:
         if not env.get("REDIS_URL"):

@@ -103,7 +103,6 @@ def init(settings: Settings, component: str) -> None:
         dsn=settings.sentry_dsn,
         environment=settings.sentry_environment,
         release=settings.release,
-        send_default_pii=False,
         max_request_body_size="never",  # webhook bodies carry tokens
         include_local_variables=False,  # locals hold webhook URLs and payloads
         event_scrubber=EventScrubber(denylist=DEFAULT_DENYLIST + SECRET_KEYS, recursive=True),

@@ -73,6 +73,9 @@ def cancel_documents(request_id: str) -> dict[str, Any] | Retry:
         finish(conn, request_id, docs, error=str(err))
         final_failure(f"request {request_id}: {err}")
     finish(conn, request_id, docs)
+    failed = [doc for doc in docs if doc["outcome"] == "failed"]
+    if failed:
+        final_failure(f"request {request_id}: {len(failed)} document(s) failed: {failed[0]['detail']}")
     return {"documents": {str(doc.get("id") or doc.get("number")): doc["outcome"] for doc in docs}}
 
 
@@ -122,7 +125,7 @@ class Canceller:
         for chunk in chunks(uncertain, policy.BATCH_SIZE):
             self.settle(chunk, {}, after_send=True)
         pending = [doc for doc in self.docs if doc["outcome"] is None and doc.get("id")]
-        for chunk in chunks(pending, policy.BATCH_SIZE):
+        for chunk in chunks(pending, policy.CANCELS_PER_BATCH):
             self.cancel(chunk)
 
     def resolve_numbers(self) -> None:
@@ -145,58 +148,67 @@ class Canceller:
             self.progress()
 
     def cancel(self, chunk: list[dict[str, Any]]) -> None:
-        """Send one cancel per document (one batch call for several) and classify each answer."""
+        """One batch: read the documents, cancel each, read them again; decide every outcome from it.
+
+        The batch is one request against the rate limit whatever its size, so even a single document
+        goes this way: the reads give the title and type for the report, and the status after the
+        cancel decides a business error on facts, without another call.
+        """
         for doc in chunk:
             doc["sent"] = True
         self.progress()
-        business: dict[int, str] = {}
+        ids = [doc["id"] for doc in chunk]
+        read = ("catalog.document.list", {"select": DOCUMENT_FIELDS, "filter": {"@id": ids}, "start": -1})
+        commands = {"before": read, **{f"d{i}": ("catalog.document.cancel", {"id": i}) for i in ids}, "after": read}
+        try:
+            answer = self.client.batch(commands)
+        except (Bitrix24Error, Throttled) as exc:
+            if not getattr(exc, "ambiguous", False):
+                for doc in chunk:
+                    doc.pop("sent", None)  # the portal did not run it
+            raise
+        before = _by_id(answer.results.get("before"))
+        after = _by_id(answer.results.get("after")) if "after" not in answer.errors else None
+        unsettled: dict[int, str] = {}
         later: Exception | None = None
-        if len(chunk) == 1:
-            doc = chunk[0]
-            try:
-                self.client.call("catalog.document.cancel", {"id": doc["id"]})
+        for doc in chunk:
+            key = f"d{doc['id']}"
+            err = answer.errors.get(key)
+            seen = (after or {}).get(doc["id"]) or before.get(doc["id"])
+            if seen is not None:
+                _describe(doc, seen)
+            if err is None and answer.results.get(key) is True:
                 _decided(doc, "cancelled", None)
-            except Bitrix24Error as err:
-                if err.is_business:
-                    business[doc["id"]] = err.description
-                else:
-                    if not err.ambiguous:
-                        doc.pop("sent", None)
-                    raise
-            except Throttled:
-                doc.pop("sent", None)
-                raise
-        else:
-            try:
-                answer = self.client.batch(
-                    {f"d{doc['id']}": ("catalog.document.cancel", {"id": doc["id"]}) for doc in chunk})
-            except (Bitrix24Error, Throttled) as exc:
-                if not getattr(exc, "ambiguous", False):
-                    for doc in chunk:
-                        doc.pop("sent", None)
-                raise
-            for doc in chunk:
-                key = f"d{doc['id']}"
-                err = answer.errors.get(key)
-                if err is None and answer.results.get(key) is True:
-                    _decided(doc, "cancelled", None)
-                elif err is None:
-                    later = later or Bitrix24Error("BAD_ANSWER", "batch command without result or error", None,
-                                                   "catalog.document.cancel", retryable=True, ambiguous=True)
-                elif err.is_business:
-                    business[doc["id"]] = err.description
-                elif err.code in (RATE_LIMITED, OPERATING_LIMITED):
-                    doc.pop("sent", None)  # refused before it ran
-                    later = later or Throttled(time.time() + 60, f"{err.code} for {err.method}")
-                elif err.retryable:
-                    later = later or err
-                else:
-                    _decided(doc, "failed", f"{err.code}: {err.description}", advice=err.advice or None)
+            elif err is None:
+                later = later or Bitrix24Error("BAD_ANSWER", "batch command without result or error", None,
+                                               "catalog.document.cancel", retryable=True, ambiguous=True)
+            elif err.is_business and after is not None:
+                self.decide_business(doc, err.description, before.get(doc["id"]), after.get(doc["id"]))
+            elif err.is_business:
+                unsettled[doc["id"]] = err.description
+            elif err.code in (RATE_LIMITED, OPERATING_LIMITED):
+                doc.pop("sent", None)  # refused before it ran
+                later = later or Throttled(time.time() + 60, f"{err.code} for {err.method}")
+            elif err.retryable:
+                later = later or err
+            else:
+                _decided(doc, "failed", f"{err.code}: {err.description}", advice=err.advice or None)
         self.progress()
-        if business:
-            self.settle([doc for doc in chunk if doc["id"] in business], business, after_send=False)
+        if unsettled:
+            self.settle([doc for doc in chunk if doc["id"] in unsettled], unsettled, after_send=False)
         if later is not None:
             raise later
+
+    @staticmethod
+    def decide_business(doc: dict[str, Any], description: str, before: dict[str, Any] | None,
+                        after: dict[str, Any] | None) -> None:
+        """A cancel refused with a business error, decided by the document's status read right after it."""
+        if after is None:
+            _decided(doc, "not_found", description)
+        elif after.get("status") == CONDUCTED:
+            _decided(doc, "refused", description)
+        else:
+            _decided(doc, "already_not_conducted", f"status {(before or after).get('status')}")
 
     def settle(self, chunk: list[dict[str, Any]], descriptions: dict[int, str], after_send: bool) -> None:
         """Decide documents by re-reading their status.
@@ -208,7 +220,7 @@ class Canceller:
         ids = [doc["id"] for doc in chunk]
         answer = self.client.call("catalog.document.list", {
             "select": DOCUMENT_FIELDS, "filter": {"@id": ids}, "start": -1})
-        found = {int(item["id"]): item for item in _documents(answer.result)}
+        found = _by_id(answer.result)
         for doc in chunk:
             item = found.get(int(doc["id"]))
             description = descriptions.get(doc["id"])
@@ -226,6 +238,10 @@ class Canceller:
             else:
                 _decided(doc, "refused", description or "the portal refused")
         self.progress()
+
+
+def _by_id(result: Any) -> dict[int, dict[str, Any]]:
+    return {int(item["id"]): item for item in _documents(result)}
 
 
 def _documents(result: Any) -> list[dict[str, Any]]:

@@ -32,8 +32,10 @@ DEFER_MAX = 2000
 # Waits up to this long sleep inside the job; longer ones reschedule it through RQ's scheduler.
 MAX_SLEEP = 5.0
 
-# Documents per batch call: Bitrix24's own maximum.
+# Documents per list call, and per batch: Bitrix24 pages lists at 50 and refuses batches over 50
+# commands. A cancel batch also reads the documents before and after the cancels (two commands).
 BATCH_SIZE = 50
+CANCELS_PER_BATCH = BATCH_SIZE - 2
 # Documents one request may name (the intake refuses more).
 MAX_DOCUMENTS = 500
 
