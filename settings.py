@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     b24_rate_headroom: float = 0.8
     b24_operating_limit: float = 420.0
     b24_operating_window: float = 600.0
+    # Pause a method this many seconds of operating time before the limit (calls in flight still add).
+    b24_operating_margin: float = 10.0
 
     # HTTP to Bitrix24. The cloud cuts any REST call at 60 s, so a longer read timeout only waits longer.
     b24_connect_timeout: float = 5.0

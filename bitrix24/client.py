@@ -23,6 +23,7 @@ from bitrix24.errors import (
     TRANSPORT_DROPPED,
     TRANSPORT_TIMEOUT,
     Bitrix24Error,
+    Throttled,
     classify,
 )
 
@@ -48,8 +49,8 @@ class Gate(Protocol):
     def rate_limited(self) -> None:
         """The portal answered QUERY_LIMIT_EXCEEDED despite us: slow down."""
 
-    def operating_limited(self, method: str, reset_at: float | None) -> None:
-        """The portal answered OPERATION_TIME_LIMIT for this method: pause it."""
+    def operating_limited(self, method: str, reset_at: float | None) -> float:
+        """The portal answered OPERATION_TIME_LIMIT for this method: pause it; return when it may resume."""
 
 
 @dataclass
@@ -146,8 +147,8 @@ class Bitrix24Client:
                     self.gate.rate_limited()
                     continue
                 if err.code == OPERATING_LIMITED and self.gate:
-                    for name in methods:
-                        self.gate.operating_limited(name, err.reset_at)
+                    until = max(self.gate.operating_limited(name, err.reset_at) for name in methods)
+                    raise Throttled(until, f"OPERATION_TIME_LIMIT for {method}") from None
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 

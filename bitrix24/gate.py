@@ -40,14 +40,16 @@ class PortalGate:
                                        settings.b24_rate_headroom)
         return cls(portal.name, LeakyBucket(conn, portal.name, rate, capacity),
                    OperatingBudget(conn, portal.name, limit=settings.b24_operating_limit,
-                                   window=settings.b24_operating_window), max_sleep)
+                                   window=settings.b24_operating_window, margin=settings.b24_operating_margin),
+                   max_sleep)
 
     def before(self, methods: Sequence[str]) -> None:
         """Refuse a paused method, then take one token (sleeping a short wait)."""
-        for method in methods:
-            until = self.budget.paused_until(method)
-            if until is not None:
-                raise Throttled(until, f"{method} paused by the operating-time budget")
+        paused, resumed = self.budget.check(list(methods))
+        for method in resumed:
+            log.info("portal method resumed", extra={"portal": self.portal, "method": method})
+        for method, until in paused.items():
+            raise Throttled(until, f"{method} paused by the operating-time budget")
         wait = self.bucket.reserve(1, max_wait=self.max_sleep)
         if wait > self.max_sleep:
             raise Throttled(time.time() + wait, "request-rate limit")
@@ -60,20 +62,24 @@ class PortalGate:
             return
         pause = self.budget.record(method, _number(timing.get("operating")), _number(timing.get("operating_reset_at")))
         if pause is not None and pause.new:
+            self.budget.announce(method)
             log.warning("portal method paused", extra={"portal": self.portal, "method": method,
                                                        "until": round(pause.until), "why": "operating budget"})
 
     def rate_limited(self) -> None:
         """The portal said QUERY_LIMIT_EXCEEDED anyway: drain our bucket and slow down for a while."""
-        log.warning("portal answered QUERY_LIMIT_EXCEEDED; slowing down", extra={"portal": self.portal})
+        log.warning("portal answered QUERY_LIMIT_EXCEEDED; slowing down", extra={"portal": self.portal,
+                                                                                   "for_s": PENALTY_SECONDS})
         self.bucket.penalize(PENALTY_SECONDS)
 
-    def operating_limited(self, method: str, reset_at: float | None) -> None:
+    def operating_limited(self, method: str, reset_at: float | None) -> float:
         """The portal blocked the method: pause it until the reset (the last known one when not given)."""
         pause = self.budget.pause(method, reset_at)
         if pause.new:
+            self.budget.announce(method)
             log.warning("portal method paused", extra={"portal": self.portal, "method": method,
                                                        "until": round(pause.until), "why": "OPERATION_TIME_LIMIT"})
+        return pause.until
 
 
 def _number(value: Any) -> float | None:

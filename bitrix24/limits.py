@@ -314,6 +314,25 @@ return out
 """
 
 
+# One round trip before each call: which of the call's methods are paused, and which pauses ended since
+# a process last looked (HDEL answers 1 to exactly one caller, so exactly one process logs the end).
+_CHECK_LUA = """
+local out = {}
+local announced = KEYS[#KEYS]
+for i, method in ipairs(ARGV) do
+  local until_ = redis.call('GET', KEYS[i])
+  if until_ then
+    table.insert(out, method)
+    table.insert(out, until_)
+  elseif redis.call('HDEL', announced, method) == 1 then
+    table.insert(out, method)
+    table.insert(out, '')
+  end
+end
+return out
+"""
+
+
 class OperatingBudget:
     """One portal's per-method operating-time budget, shared through Redis.
 
@@ -347,6 +366,7 @@ class OperatingBudget:
         self._record = redis.register_script(_RECORD_LUA)
         self._pause = redis.register_script(_PAUSE_ONLY_LUA)
         self._pauses = redis.register_script(_PAUSES_LUA)
+        self._check = redis.register_script(_CHECK_LUA)
 
     def _keys(self, method: str) -> list[str]:
         return [f"{self._base}:pause:{method}", f"{self._base}:pauses", f"{self._base}:usage:{method}"]
@@ -393,6 +413,29 @@ class OperatingBudget:
         """The unix time `method` may resume, or None if it is not paused (one GET)."""
         value = self.redis.get(self._keys(self._method(method))[0])
         return float(_text(value)) if value is not None else None
+
+    def check(self, methods: list[str]) -> tuple[dict[str, float], list[str]]:
+        """For a call's methods, in one round trip: those paused now (with their resume time), and those
+        whose announced pause has ended since (reported to exactly one caller, to log it once)."""
+        names = [self._method(method) for method in methods]
+        keys = [self._keys(name)[0] for name in names] + [f"{self._base}:announced"]
+        flat = [_text(v) for v in self._check(keys=keys, args=names)]
+        paused: dict[str, float] = {}
+        resumed: list[str] = []
+        for i in range(0, len(flat), 2):
+            if flat[i + 1]:
+                paused[flat[i]] = float(flat[i + 1])
+            else:
+                resumed.append(flat[i])
+        return paused, resumed
+
+    def announce(self, method: str) -> None:
+        """Note that a pause of `method` was logged, so that its end is logged once too."""
+        key = f"{self._base}:announced"
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, self._method(method), "1")
+            pipe.expire(key, int(self.window * 2))
+            pipe.execute()
 
     def pauses(self) -> dict[str, float]:
         """Every method of this portal paused now, with the unix time it may resume."""

@@ -21,7 +21,7 @@ from bitrix24.errors import OPERATING_LIMITED, RATE_LIMITED, Bitrix24Error, Thro
 from jobs import policy, records
 from jobs.context import job_connection, worker_context
 from jobs.enqueue import ON_FAILURE
-from jobs.lifecycle import defer, final_failure
+from jobs.lifecycle import defer, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
 
@@ -60,12 +60,9 @@ def cancel_documents(request_id: str) -> dict[str, Any] | Retry:
     except Throttled as wait:
         return defer(conn, request_id, wait.until, wait.reason, documents=docs)
     except Bitrix24Error as err:
-        progress()
-        if err.retryable:
-            failures = records.increment(conn, request_id, "transient_failures")
-            if failures <= policy.TRANSIENT_RETRY_MAX:
-                delay = policy.transient_backoff(failures)
-                return defer(conn, request_id, time.time() + delay, str(err), documents=docs)
+        retry = retry_later(conn, request_id, err, "transient_failures", documents=docs)
+        if retry is not None:
+            return retry
         for doc in docs:
             if doc["outcome"] is None:
                 doc.update(outcome="failed", detail=f"{err.code}: {err.description}", advice=err.advice or None)

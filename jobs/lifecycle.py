@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import redis
 from rq import Retry, get_current_job
 
+from bitrix24.errors import OPERATING_LIMITED, RATE_LIMITED, Bitrix24Error
 from jobs import policy, records
 
 log = logging.getLogger("b24cancel.jobs")
@@ -30,6 +31,23 @@ def defer(conn: redis.Redis, request_id: str, until: float, why: str, **fields: 
     delay = max(1, math.ceil(until - time.time()))
     log.info("job rescheduled", extra={"request_id": request_id, "delay_s": delay, "why": why})
     return Retry(max=policy.DEFER_MAX, interval=[delay])
+
+
+def retry_later(conn: redis.Redis, request_id: str, err: Bitrix24Error, counter: str, **fields: Any) -> Retry | None:
+    """A Retry for an error worth trying again, or None when it is permanent or retries are used up.
+
+    Limit answers (QUERY_LIMIT_EXCEEDED that outlasted the client's resends, OPERATION_TIME_LIMIT)
+    never count against the request's retry budget; other transient errors do, with backoff.
+    """
+    if err.code == RATE_LIMITED:
+        return defer(conn, request_id, time.time() + policy.RATE_LIMIT_DEFER, str(err), **fields)
+    if err.code == OPERATING_LIMITED:
+        return defer(conn, request_id, err.reset_at or time.time() + policy.OPERATING_DEFER, str(err), **fields)
+    if err.retryable:
+        failures = records.increment(conn, request_id, counter)
+        if failures <= policy.TRANSIENT_RETRY_MAX:
+            return defer(conn, request_id, time.time() + policy.transient_backoff(failures), str(err), **fields)
+    return None
 
 
 def final_failure(message: str) -> NoReturn:

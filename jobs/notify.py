@@ -17,7 +17,7 @@ from rq import Retry
 from bitrix24.client import Bitrix24Client
 from bitrix24.errors import Bitrix24Error, Throttled
 from jobs import policy, records, report
-from jobs.lifecycle import defer, final_failure
+from jobs.lifecycle import defer, final_failure, retry_later
 from jobs.context import job_connection, worker_context
 
 log = logging.getLogger("b24cancel.jobs")
@@ -53,10 +53,9 @@ def post_report(request_id: str) -> dict[str, Any] | Retry:
     except Throttled as wait:
         return defer(conn, request_id, wait.until, wait.reason)
     except Bitrix24Error as err:
-        if err.retryable:
-            failures = records.increment(conn, request_id, "report_failures")
-            if failures <= policy.TRANSIENT_RETRY_MAX:
-                return defer(conn, request_id, time.time() + policy.transient_backoff(failures), str(err))
+        retry = retry_later(conn, request_id, err, "report_failures")
+        if retry is not None:
+            return retry
         advice = f" {err.advice}" if err.advice else ""
         records.save(conn, request_id, state="failed", report_error=f"{err.code}: {err.description}.{advice}",
                      finished_at=f"{time.time():.3f}", waiting_for="", resume_at="")

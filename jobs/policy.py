@@ -29,6 +29,10 @@ TRANSIENT_BACKOFF_CAP = 300.0
 # A job waiting for a limit (rate or operating budget) reschedules itself; this bounds how many
 # times, so a portal blocked for days still ends in the failed registry instead of looping forever.
 DEFER_MAX = 2000
+# A QUERY_LIMIT_EXCEEDED that outlasted the client's resends: try again after this long (seconds).
+RATE_LIMIT_DEFER = 10
+# An OPERATION_TIME_LIMIT without a reset time: one bucket of Bitrix24's 10-minute window.
+OPERATING_DEFER = 60
 # Waits up to this long sleep inside the job; longer ones reschedule it through RQ's scheduler.
 MAX_SLEEP = 5.0
 

@@ -19,7 +19,7 @@ from bitrix24.errors import Bitrix24Error, Throttled
 from jobs import policy, records
 from jobs.context import job_connection, worker_context
 from jobs.enqueue import ON_FAILURE
-from jobs.lifecycle import defer, final_failure
+from jobs.lifecycle import defer, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
 
@@ -58,10 +58,9 @@ def resolve_event(request_id: str) -> dict[str, Any] | Retry:
     except Throttled as wait:
         return defer(conn, request_id, wait.until, wait.reason)
     except Bitrix24Error as err:
-        if err.retryable:
-            failures = records.increment(conn, request_id, "transient_failures")
-            if failures <= policy.TRANSIENT_RETRY_MAX:
-                return defer(conn, request_id, time.time() + policy.transient_backoff(failures), str(err))
+        retry = retry_later(conn, request_id, err, "transient_failures")
+        if retry is not None:
+            return retry
         records.save(conn, request_id, state="failed", error=f"reading the event's object: {err}",
                      finished_at=f"{time.time():.3f}", resolution={"event": request["event"],
                                                                    "object_id": request["object_id"],
