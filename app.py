@@ -79,7 +79,7 @@ def register_errors(app: Flask) -> None:
 def __getattr__(name: str) -> Flask:
     """`app:app` for gunicorn, built on first access so that importing this module starts nothing."""
     if name == "app":
-        global app
-        app = create_app()
-        return app
+        built = create_app()
+        globals()["app"] = built
+        return built
     raise AttributeError(name)

@@ -206,7 +206,7 @@ def run() -> int:
                   "       -H 'Content-Type: application/json' -H 'Idempotency-Key: demo-1' \\\n"
                   "       -d '{\"document_ids\": [3], \"reason\": \"Shipment RMA-1 returned\", "
                   "\"external_id\": \"RMA-1\"}'\n"
-                  f"  then open {SANDBOX_PORT and 'http://127.0.0.1:%d/' % SANDBOX_PORT} to see the document "
+                  f"  then open http://127.0.0.1:{SANDBOX_PORT}/ to see the document "
                   "and the chat.\n")
         honcho = [str(Path(sys.executable).with_name("honcho")), "start", "-f", str(ROOT / "Procfile"),
                   "-p", str(env.get("PORT", WEB_PORT))]

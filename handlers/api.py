@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import redis
 from flask import Blueprint, request
-
 
 from handlers.intake import (
     IntakeError,

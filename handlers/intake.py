@@ -88,14 +88,19 @@ def authenticate_trigger(req: Request, svc: Services) -> None:
             raise IntakeError(401, "signed requests are not configured (TRIGGER_SECRETS)")
         raw = req.get_data(cache=True)
         headers = {k.lower(): v for k, v in req.headers.items()}
-        for verifier in svc.verifiers:
-            try:
-                verifier.verify(raw, headers, json_parse=False)
-                return
-            except Exception:  # noqa: BLE001 - the library raises ValueError and others for malformed input
-                continue
+        if any(_signature_ok(verifier, raw, headers) for verifier in svc.verifiers):
+            return
         raise IntakeError(401, "invalid or stale webhook signature (timestamps must be within 5 minutes)")
     raise IntakeError(401, "missing credentials: send 'Authorization: Bearer <api key>' or a signed request")
+
+
+def _signature_ok(verifier: Webhook, raw: bytes, headers: dict[str, str]) -> bool:
+    """Whether one secret verifies the request (the library raises several types for malformed input)."""
+    try:
+        verifier.verify(raw, headers, json_parse=False)
+    except Exception:  # noqa: BLE001 - any failure to verify is a refusal
+        return False
+    return True
 
 
 def parse_json_object(req: Request) -> dict[str, Any]:
@@ -220,7 +225,7 @@ def submit(svc: Services, request_: dict[str, Any], key: str | None,
     except redis.RedisError:
         current_app.logger.warning("redis unavailable at intake")
         raise IntakeError(503, "the service cannot store requests right now; retry later") from None
-    body = {"request_id": request_id, "status_url": url_for("api.request_status", request_id=request_id,
+    body: dict[str, Any] = {"request_id": request_id, "status_url": url_for("api.request_status", request_id=request_id,
                                                             _external=False)}
     if not result.created:
         body["duplicate"] = True

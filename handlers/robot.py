@@ -10,7 +10,15 @@ from typing import Any
 
 from flask import Blueprint, request
 
-from handlers.intake import IntakeError, Reply, cancel_request, choose_portal, constant_time_in, services, submit
+from handlers.intake import (
+    IntakeError,
+    Reply,
+    cancel_request,
+    choose_portal,
+    constant_time_in,
+    services,
+    submit,
+)
 from settings import split_list
 
 bp = Blueprint("robot", __name__)

@@ -16,9 +16,9 @@ from rq import Retry
 
 from bitrix24.client import Bitrix24Client
 from bitrix24.errors import Bitrix24Error, Throttled
-from jobs import policy, records, report
-from jobs.lifecycle import defer, final_failure, retry_later
+from jobs import records, report
 from jobs.context import job_connection, worker_context
+from jobs.lifecycle import defer, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
 

@@ -56,7 +56,7 @@ def load(conn: redis.Redis, request_id: str) -> dict[str, Any] | None:
     raw = conn.hgetall(request_key(request_id))
     if not raw:
         return None
-    record: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+    record: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
     for name in ("request", "documents", "resolution", "pauses"):
         if name in record:
             record[name] = json.loads(record[name])
@@ -68,10 +68,14 @@ def load(conn: redis.Redis, request_id: str) -> dict[str, Any] | None:
 
 def save(conn: redis.Redis, request_id: str, **fields: Any) -> None:
     """Update fields of an existing record (JSON for structures); refreshes updated_at."""
-    mapping = {name: value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    mapping: dict[Any, Any] = {name: value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
                for name, value in fields.items() if value is not None}
     mapping["updated_at"] = f"{time.time():.3f}"
     conn.hset(request_key(request_id), mapping=mapping)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def increment(conn: redis.Redis, request_id: str, name: str) -> int:

@@ -15,7 +15,7 @@ DOC_TYPES = {
     "ru": {"A": "Приход", "S": "Оприходование", "M": "Перемещение", "R": "Возврат", "D": "Списание"},
 }
 
-TEXT = {
+TEXT: dict[str, dict[str, Any]] = {
     "en": {
         "cancelled": "cancelled",
         "already_not_conducted": "already not conducted",
@@ -104,7 +104,7 @@ def render(record: dict[str, Any], portal: Portal, round_: int = 1) -> str:
     for index, doc in enumerate(docs):
         line = _document_line(doc, portal, t)
         if used + len(line) > MESSAGE_BUDGET:
-            lines.append(t["more"].format(n=len(docs) - index))
+            lines.append(str(t["more"]).format(n=len(docs) - index))
             break
         lines.append(line)
         used += len(line) + 1

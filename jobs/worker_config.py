@@ -24,10 +24,10 @@ if not _settings.redis_url:
 
 observability.init(_settings, component="worker")
 
-import jobs.cancel  # noqa: E402,F401  preload for the work-horses
-import jobs.notify  # noqa: E402,F401
-import jobs.resolve  # noqa: E402,F401
-from jobs.context import worker_context  # noqa: E402
+import jobs.cancel
+import jobs.notify
+import jobs.resolve  # noqa: F401
+from jobs.context import worker_context
 
 worker_context(_settings)
 for _portal in _settings.portals.values():

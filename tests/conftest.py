@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import devenv  # noqa: E402
+import devenv
 
 
 @pytest.fixture(scope="session")

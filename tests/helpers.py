@@ -6,7 +6,7 @@ import base64
 import json
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -35,7 +35,7 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float 
 def signed_headers(body: bytes, msg_id: str, secret: str = WEBHOOK_SECRET,
                    when: datetime | None = None) -> dict[str, str]:
     """Standard Webhooks headers for a body, signed with the library's own signer."""
-    when = when or datetime.now(tz=timezone.utc)
+    when = when or datetime.now(tz=UTC)
     signature = Webhook(secret).sign(msg_id, when, body.decode())
     return {"webhook-id": msg_id, "webhook-timestamp": str(int(when.timestamp())),
             "webhook-signature": signature, "Content-Type": "application/json"}

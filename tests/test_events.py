@@ -76,12 +76,12 @@ def test_portals_file_defines_portals_with_rules(tmp_path: Path) -> None:
     ('[portals.a]\nwebhook_url = "https://a.bitrix24.com/rest/1/x/"\nchat = "chat1"\ncolour = "red"\n',
      "portals.a.colour: unknown key"),
     ('[portals.a]\nwebhook_url = "https://a/rest/x/"\nchat = "chat1"\n', "portals.a.webhook_url"),
-    ('[portals.a]\nwebhook_url = "https://a.bitrix24.com/rest/1/x/"\nchat = "chat1"\n'
-     '[portals.a]\nchat = "chat2"\n', "not valid TOML"),
-    ('[portals.a]\nwebhook_url = "https://a.bitrix24.com/rest/1/x/"\nchat = "chat1"\n'
-     '[portals.A]\nwebhook_url = "https://b.bitrix24.com/rest/1/y/"\nchat = "chat1"\n', "duplicates"),
-    ('[portals.a]\nwebhook_url = "https://a.bitrix24.com/rest/1/x/"\nchat = "chat1"\n'
-     '[[portals.a.rules]]\nevent = "X"\nread = "crm.item.get"\n', "documents_field or documents_by"),
+    (('[portals.a]\nwebhook_url = "https://a.bitrix24.com/rest/1/x/"\nchat = "chat1"\n'
+      '[portals.a]\nchat = "chat2"\n'), "not valid TOML"),
+    (('[portals.a]\nwebhook_url = "https://a.bitrix24.com/rest/1/x/"\nchat = "chat1"\n'
+      '[portals.A]\nwebhook_url = "https://b.bitrix24.com/rest/1/y/"\nchat = "chat1"\n'), "duplicates"),
+    (('[portals.a]\nwebhook_url = "https://a.bitrix24.com/rest/1/x/"\nchat = "chat1"\n'
+      '[[portals.a.rules]]\nevent = "X"\nread = "crm.item.get"\n'), "documents_field or documents_by"),
 ])
 def test_bad_portals_file_fails_with_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(SettingsError) as info:

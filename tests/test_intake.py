@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -129,8 +129,8 @@ def test_bad_bearer_credentials_get_401(client: FlaskClient, redis_conn: redis.R
 
 def test_stale_wrong_or_malformed_signatures_get_401(client: FlaskClient, redis_conn: redis.Redis) -> None:
     body = dumps(GOOD)
-    stale = signed_headers(body, "msg_old", when=datetime.now(tz=timezone.utc) - timedelta(minutes=6))
-    future = signed_headers(body, "msg_new", when=datetime.now(tz=timezone.utc) + timedelta(minutes=6))
+    stale = signed_headers(body, "msg_old", when=datetime.now(tz=UTC) - timedelta(minutes=6))
+    future = signed_headers(body, "msg_new", when=datetime.now(tz=UTC) + timedelta(minutes=6))
     other = signed_headers(body, "msg_x", secret="whsec_" + "b3RoZXJzZWNyZXRvdGhlcnNlY3JldDEyMzQ=")
     malformed = {**signed_headers(body, "msg_m"), "webhook-signature": "garbage-without-comma"}
     tampered = signed_headers(body, "msg_t")
