@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 
 import devenv
 from app import create_app
+from jobs import records
 from settings import SettingsError, load_settings
 from tests.helpers import API_KEY, SandboxView, bearer, wait_for
 
@@ -175,7 +176,8 @@ def stack(redis_proc: devenv.Process, sandbox: devenv.Process, tmp_path: Path) -
     port = devenv.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("B24_", "TRIGGER_", "SENTRY_"))}
     env.update({"REDIS_URL": redis_proc.url, "B24_PORTALS_FILE": str(path), "TRIGGER_API_KEYS": API_KEY,
-                "HOST": "127.0.0.1", "PORT": str(port), "B24_READ_TIMEOUT": "2", "WEB_CONCURRENCY": "2"})
+                "HOST": "127.0.0.1", "PORT": str(port), "B24_READ_TIMEOUT": "2", "WEB_CONCURRENCY": "2",
+                "B24_RATE_LIMIT": "1000", "B24_RATE_BURST": "1000"})
     web = devenv.start_web(env, log=tmp_path / "web.log")
     worker = devenv.start_worker(env, log=tmp_path / "worker.log")
     yield {"url": f"http://127.0.0.1:{port}", "portal": SandboxView(sandbox.url), "redis": redis_proc.url}
@@ -258,3 +260,33 @@ def test_token_of_another_portal_is_refused_end_to_end(stack: dict[str, Any]) ->
     portal: SandboxView = stack["portal"]
     sent = fire(portal, stack["url"], "ONCRMDEALUPDATE", 12, token=OTHER_TOKEN)
     assert sent["status"] == 401
+
+
+def test_a_burst_of_300_events_is_all_accepted_and_all_resolved(stack: dict[str, Any]) -> None:
+    """300 events at once from 32 connections: every one answered 2xx and resolved (timing: bench/events.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    portal: SandboxView = stack["portal"]
+    portal.config(rate=10_000, burst=10_000)  # this test is about our intake, not the portal's limits
+    conn = redis.Redis.from_url(stack["redis"])
+    for n in range(300):
+        portal.http.post("/_sandbox/crm/items", json={"entityTypeId": 2, "id": 1000 + n,
+                                                      "fields": {"stageId": "C1:WON"}}).raise_for_status()
+    forms = [event_form(object_id=str(1000 + n), member_id=member_id_of(portal), ts=str(1766000000 + n))
+             for n in range(300)]
+    with httpx.Client(base_url=stack["url"], timeout=10,
+                      limits=httpx.Limits(max_connections=32)) as http, ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda form: http.post("/v1/bitrix24/events", data=form), forms))
+    assert [a.status_code for a in answers] == [200] * 300
+    ids = {a.json()["request_id"] for a in answers}
+    assert len(ids) == 300
+
+    def resolved() -> bool:
+        return all((records.load(conn, rid) or {}).get("state") == "done" for rid in ids)
+
+    wait_for(resolved, timeout=120, interval=1, what="all 300 events to be resolved")
+    assert portal.calls("catalog.document.cancel") == []
+
+
+def member_id_of(portal: SandboxView) -> str:
+    return str(portal.http.get("/_sandbox/config").json()["member_id"])
