@@ -6,12 +6,13 @@ so the caller can reschedule instead of holding a worker.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -72,6 +73,15 @@ class BatchAnswer:
     time: dict[str, Any] = field(default_factory=dict)
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def php_query(params: Mapping[str, Any]) -> str:
     """Encode params as PHP's http_build_query does (filter[id]=5, select[0]=id), values URL-encoded."""
     pairs: list[str] = []
@@ -98,6 +108,9 @@ class Bitrix24Client:
     """Calls one portal through its incoming-webhook URL."""
 
     def __init__(self, webhook_url: str, portal: str, http: httpx.Client, gate: Gate | None = None) -> None:
+        parts = urlsplit(webhook_url)
+        if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(parts.hostname or "")):
+            raise ValueError("Bitrix24 is called over https; plain http only for a loopback sandbox")
         self.base = webhook_url if webhook_url.endswith("/") else webhook_url + "/"
         self.portal = portal
         self.http = http

@@ -88,6 +88,12 @@ def test_answers_are_classified_by_code_then_status(status: int, body: Any, code
     assert "abc123secret" not in str(err)
 
 
+def test_client_refuses_plain_http_except_to_loopback() -> None:
+    with pytest.raises(ValueError, match="https"):
+        Bitrix24Client("http://example.bitrix24.com/rest/1/x/", "p", httpx.Client())
+    Bitrix24Client("http://127.0.0.1:8765/rest/1/x/", "p", httpx.Client())
+
+
 def test_success_envelope_is_read() -> None:
     answer = fake_client(200, {"result": {"documents": []}, "time": {"operating": 1.5}, "total": 0}).call("x")
     assert answer.result == {"documents": []}
