@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -148,13 +149,21 @@ def start_sandbox(port: int | None = None, args: list[str] | None = None,
     return proc
 
 
-def worker_argv(queues: tuple[str, ...] = ("cancel", "notify"), burst: bool = False) -> list[str]:
-    """The `rq worker` command line the Procfile uses, for tests and benchmarks."""
-    argv = [str(Path(sys.executable).with_name("rq")), "worker", "-c", "jobs.worker_config",
-            "--with-scheduler", "--serializer", "json", "-w", "jobs.worker.CancelWorker"]
-    if burst:
-        argv.append("--burst")
-    return argv + list(queues)
+def procfile_command(name: str) -> list[str]:
+    """The Procfile's command for a process, with its program taken from this virtualenv."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        key, _, command = line.partition(":")
+        if key.strip() == name:
+            argv = shlex.split(command)
+            argv[0] = str(Path(sys.executable).with_name(argv[0]))
+            return argv
+    raise KeyError(f"no {name!r} process in the Procfile")
+
+
+def worker_argv(burst: bool = False) -> list[str]:
+    """The Procfile's `rq worker` command line, for tests and benchmarks."""
+    argv = procfile_command("worker")
+    return argv[:2] + ["--burst"] + argv[2:] if burst else argv
 
 
 def start_worker(env: dict[str, str], log: Path | None = None, burst: bool = False) -> Process:
@@ -164,16 +173,21 @@ def start_worker(env: dict[str, str], log: Path | None = None, burst: bool = Fal
 
 def start_web(env: dict[str, str], log: Path | None = None) -> Process:
     """Start the web process as the Procfile does (gunicorn), on env's HOST and PORT, and wait for it."""
-    argv = [str(Path(sys.executable).with_name("gunicorn")), "-c", str(ROOT / "gunicorn.conf.py"), "app:app"]
-    proc = _spawn("web", argv, env=env, log=log)
+    proc = _spawn("web", procfile_command("web"), env=env, log=log)
     host, port = env.get("HOST", "127.0.0.1"), int(env.get("PORT", WEB_PORT))
     proc.url = f"http://{host}:{port}"
     wait_for_port(proc, host, port)
     return proc
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run() -> int:
     """`make run`: embedded Redis and the sandbox when nothing is configured, then web and worker."""
+    # A SIGTERM (a supervisor, `timeout`) stops everything as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     env = os.environ.copy()
     # The Procfile names gunicorn and rq: make them the ones in this virtualenv.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -210,7 +224,9 @@ def run() -> int:
                   "and the chat.\n")
         honcho = [str(Path(sys.executable).with_name("honcho")), "start", "-f", str(ROOT / "Procfile"),
                   "-p", str(env.get("PORT", WEB_PORT))]
-        return subprocess.call(honcho, env=env, cwd=ROOT)
+        procfile = subprocess.Popen(honcho, env=env, cwd=ROOT, start_new_session=True)
+        started.append(Process(name="honcho", popen=procfile))
+        return procfile.wait()
     except KeyboardInterrupt:
         return 0
     finally:

@@ -13,14 +13,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
-from rq import Queue, Retry
-from rq.serializers import JSONSerializer
+from rq import Retry
 
 from bitrix24.client import Bitrix24Client
 from bitrix24.errors import OPERATING_LIMITED, RATE_LIMITED, Bitrix24Error, Throttled
 from jobs import policy, records
 from jobs.context import job_connection, worker_context
-from jobs.enqueue import ON_FAILURE
+from jobs.enqueue import enqueue_followup
 from jobs.lifecycle import defer, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
@@ -95,11 +94,8 @@ def finish(conn: redis.Redis, request_id: str, docs: list[dict[str, Any]], error
         records.save(conn, request_id, state="done", finished_at=f"{time.time():.3f}")
         log.info("request has no documents; no report", extra={"request_id": request_id})
         return
-    queue = Queue(policy.NOTIFY_QUEUE, connection=conn, serializer=JSONSerializer)
-    queue.enqueue("jobs.notify.post_report", request_id, job_id=policy.notify_job_id(request_id),
-                  job_timeout=policy.JOB_TIMEOUT, result_ttl=policy.RESULT_TTL, failure_ttl=policy.FAILURE_TTL,
-                  retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS),
-                  on_failure=ON_FAILURE)
+    enqueue_followup(conn, policy.NOTIFY_QUEUE, "jobs.notify.post_report", request_id,
+                     policy.notify_job_id(request_id))
 
 
 def chunks(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:

@@ -79,3 +79,11 @@ class Submitter:
             args=[self.record_ttl, job.id, q.key, len(record_args), *record_args, *job_args],
         )
         return Submitted(request_id=request_id, created=bool(created))
+
+
+def enqueue_followup(conn: redis.Redis, queue: str, func: str, request_id: str, job_id: str) -> None:
+    """From inside a job: enqueue the request's next job (report after cancel, cancel after resolve)."""
+    Queue(queue, connection=conn, serializer=JSONSerializer).enqueue(
+        func, request_id, job_id=job_id, job_timeout=policy.JOB_TIMEOUT, result_ttl=policy.RESULT_TTL,
+        failure_ttl=policy.FAILURE_TTL, on_failure=ON_FAILURE,
+        retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS))

@@ -34,6 +34,8 @@ def post_report(request_id: str) -> dict[str, Any] | Retry:
         return {"skipped": "record expired"}
     round_ = int(record.get("round", 1))
     if int(record.get("reported_round", 0)) >= round_:
+        if record["state"] not in ("done", "failed"):  # a cancel job that ran again after the report
+            records.save(conn, request_id, state=final_state(record["documents"]))
         return {"message_id": record.get("message_id"), "already": True}
     ctx = worker_context()
     portal = ctx.settings.portal(record["request"]["portal"])
@@ -60,12 +62,16 @@ def post_report(request_id: str) -> dict[str, Any] | Retry:
         records.save(conn, request_id, state="failed", report_error=f"{err.code}: {err.description}.{advice}",
                      finished_at=f"{time.time():.3f}", waiting_for="", resume_at="")
         final_failure(f"request {request_id}: report not posted: {err}")
-    failed = any(doc.get("outcome") == "failed" for doc in record["documents"])
     records.save(conn, request_id, message_id=str(message_id), reported_round=str(round_),
-                 state="failed" if failed else "done", finished_at=f"{time.time():.3f}",
+                 state=final_state(record["documents"]), finished_at=f"{time.time():.3f}",
                  waiting_for="", resume_at="")
     log.info("report posted", extra={"request_id": request_id, "portal": portal.name, "message_id": message_id})
     return {"message_id": message_id}
+
+
+def final_state(documents: list[dict[str, Any]]) -> str:
+    """A reported request is done, or failed when a document could not be handled."""
+    return "failed" if any(doc.get("outcome") == "failed" for doc in documents) else "done"
 
 
 def send(client: Bitrix24Client, conn: redis.Redis, request_id: str, chat: str, text: str) -> int:

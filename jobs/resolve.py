@@ -12,13 +12,12 @@ import logging
 import time
 from typing import Any
 
-from rq import Queue, Retry
-from rq.serializers import JSONSerializer
+from rq import Retry
 
 from bitrix24.errors import Bitrix24Error, Throttled
 from jobs import policy, records
 from jobs.context import job_connection, worker_context
-from jobs.enqueue import ON_FAILURE
+from jobs.enqueue import enqueue_followup
 from jobs.lifecycle import defer, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
@@ -88,11 +87,8 @@ def continue_with(conn: Any, request_id: str, record: dict[str, Any]) -> dict[st
         why = "no rule matched" if record["resolution"].get("matched_rule") is None else "the rule found no document"
         log.info("event needs no cancel", extra={"request_id": request_id, "why": why})
         return {"documents": 0, "why": why}
-    queue = Queue(policy.CANCEL_QUEUE, connection=conn, serializer=JSONSerializer)
-    queue.enqueue("jobs.cancel.cancel_documents", request_id, job_id=policy.cancel_job_id(request_id),
-                  job_timeout=policy.JOB_TIMEOUT, result_ttl=policy.RESULT_TTL, failure_ttl=policy.FAILURE_TTL,
-                  retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS),
-                  on_failure=ON_FAILURE)
+    enqueue_followup(conn, policy.CANCEL_QUEUE, "jobs.cancel.cancel_documents", request_id,
+                     policy.cancel_job_id(request_id))
     records.save(conn, request_id, state="queued")
     return {"documents": len(record["documents"])}
 

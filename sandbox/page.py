@@ -1,0 +1,124 @@
+"""The web page a person opens at `/`: documents, chats as conversations and the latest failed calls."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from typing import Any
+
+from flask import Blueprint, Response, current_app
+
+from sandbox.state import Portal, portal_date
+
+bp = Blueprint("page", __name__)
+
+# The page reloads itself this often so a person sees the service at work.
+REFRESH_SECONDS = 2
+# How many failed calls the page lists.
+FAILED_CALLS_SHOWN = 20
+
+STATUS_NAMES = {"Y": "conducted", "N": "draft", "C": "cancelled"}
+
+_SIMPLE_TAGS = re.compile(r"\[(/?)(b|i|u|s)\]", re.IGNORECASE)
+_URL_WITH_TARGET = re.compile(r"\[url=([^\]]+)\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
+_URL_PLAIN = re.compile(r"\[url\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
+_USER = re.compile(r"\[user=(\w+)\](.*?)\[/user\]", re.IGNORECASE | re.DOTALL)
+_BREAK = re.compile(r"\[br\]", re.IGNORECASE)
+
+
+def _link(target: str, label: str) -> str:
+    # `target` is already HTML-escaped; only web links become anchors.
+    if re.match(r"https?://", target, re.IGNORECASE):
+        return f'<a href="{target}" rel="noreferrer">{label}</a>'
+    return label
+
+
+def render_bbcode(source: str) -> str:
+    """Escape the text, then turn the common BB codes ([b], [i], [u], [s], [url], [user], [br]) into HTML."""
+    out = html.escape(source)
+    out = _SIMPLE_TAGS.sub(lambda m: f"<{m.group(1)}{m.group(2).lower()}>", out)
+    out = _URL_WITH_TARGET.sub(lambda m: _link(m.group(1), m.group(2)), out)
+    out = _URL_PLAIN.sub(lambda m: _link(m.group(1), m.group(1)), out)
+    out = _USER.sub(lambda m: f"<b>@{m.group(2)}</b>", out)
+    out = _BREAK.sub("<br>", out)
+    return out.replace("\n", "<br>")
+
+
+def _attachment_note(attach: Any) -> str:
+    if attach is None:
+        return ""
+    summary = json.dumps(attach, ensure_ascii=False)
+    if len(summary) > 200:
+        summary = summary[:200] + "…"
+    return f'<div class="attach">attachment: {html.escape(summary)}</div>'
+
+
+def render(portal: Portal) -> str:
+    """The whole page as HTML (call with the portal lock held)."""
+    config = portal.config
+    hidden = portal.permissions.hidden_document_ids
+    rows = []
+    for doc_id, doc in sorted(portal.documents.items()):
+        status = str(doc.get("status"))
+        flag = " (hidden)" if doc_id in hidden else ""
+        rows.append(
+            f"<tr><td>{doc_id}</td><td>{html.escape(str(doc.get('docNumber')))}</td>"
+            f"<td>{html.escape(str(doc.get('docType')))}</td>"
+            f"<td>{html.escape(str(doc.get('title')))}{flag}</td>"
+            f'<td class="st-{html.escape(status)}">{html.escape(status)} '
+            f"{STATUS_NAMES.get(status, '')}</td><td>{html.escape(str(doc.get('dateModify')))}</td></tr>")
+    chats = []
+    for chat in portal.chats.values():
+        lines = []
+        for message in (m for m in portal.messages if m.chat_id == chat.chat_id):
+            author = portal.users.get(message.author_id, {}).get("name", f"user {message.author_id}")
+            lines.append(
+                f'<div class="msg"><span class="who">{html.escape(author)}</span> '
+                f'<span class="when">{portal_date(message.date)}</span>'
+                f"<div>{render_bbcode(message.text)}</div>{_attachment_note(message.attach)}</div>")
+        members = ", ".join(str(m) for m in sorted(chat.members))
+        chats.append(f"<h3>{html.escape(chat.title)} <small>({html.escape(chat.dialog_id)}; "
+                     f"members {members})</small></h3>" + ("".join(lines) or "<p><i>no messages</i></p>"))
+    failed = [c for c in portal.calls if c["http_status"] not in (200, None) or c["fault"]]
+    failed = failed[-FAILED_CALLS_SHOWN:]
+    call_rows = "".join(
+        f"<tr><td>{c['seq']}</td><td>{portal_date(c['time'])}</td><td>{html.escape(c['method'])}</td>"
+        f"<td>{c['http_status'] if c['http_status'] is not None else 'no answer'}</td>"
+        f"<td>{html.escape(str(c['error'] or ''))}</td><td>{html.escape(str(c['fault'] or ''))}</td></tr>"
+        for c in reversed(failed))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
+<title>Sandbox portal</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 14px; }}
+.st-Y {{ color: #1a7f37; }} .st-C, .st-N {{ color: #b35900; }}
+.msg {{ border-left: 3px solid #2fa4e7; margin: 6px 0; padding: 4px 10px; background: #f5fafd; }}
+.who {{ font-weight: bold; }} .when, small {{ color: #777; font-size: 12px; }}
+.attach {{ color: #555; font-size: 12px; }}
+</style></head><body>
+<h1>Sandbox portal</h1>
+<p>Webhook: <code>{html.escape(config.webhook_url)}</code> &middot; plan {html.escape(config.plan)}
+({config.rate:g}/s, burst {config.burst}) &middot; language {html.escape(config.language)}
+&middot; cancel sets status {html.escape(config.cancelled_status)}</p>
+<h2>Documents</h2>
+<table><tr><th>id</th><th>docNumber</th><th>type</th><th>title</th><th>status</th><th>modified</th></tr>
+{''.join(rows)}</table>
+<h2>Chats</h2>
+{''.join(chats)}
+<h2>Latest failed calls</h2>
+<table><tr><th>seq</th><th>time</th><th>method</th><th>HTTP</th><th>error</th><th>fault</th></tr>
+{call_rows or '<tr><td colspan="6"><i>none</i></td></tr>'}</table>
+</body></html>
+"""
+
+
+@bp.get("/")
+def index() -> Response:
+    """The human-readable page, refreshed every 2 s."""
+    portal: Portal = current_app.config["PORTAL"]
+    with portal.lock:
+        page = render(portal)
+    return Response(page, mimetype="text/html")

@@ -1,0 +1,142 @@
+"""The sandbox's two Bitrix24 limits (leaky bucket, operating time) and its start-up flags."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+
+class Portal:
+    """Webhook calls and control calls against one sandbox."""
+
+    def __init__(self, url: str, webhook: str) -> None:
+        self.url = url
+        self.webhook = webhook
+        self.http = httpx.Client(timeout=10)
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> httpx.Response:
+        return self.http.post(self.webhook + method, json=params or {})
+
+    def control(self, verb: str, path: str, body: Any = None) -> Any:
+        answer = self.http.request(verb, f"{self.url}/_sandbox/{path}", json=body)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+
+@pytest.fixture(scope="module")
+def small_bucket(sandbox_factory: Callable[..., Any]) -> Any:
+    return sandbox_factory("--documents", "5", "--durations-zero", "--rate", "2", "--burst", "5")
+
+
+@pytest.fixture
+def bucket(small_bucket: Any) -> Iterator[Portal]:
+    portal = Portal(small_bucket.url, small_bucket.extra["webhook"])
+    portal.control("POST", "reset")
+    yield portal
+    portal.http.close()
+
+
+def test_leaky_bucket_refuses_over_burst_and_refusals_do_not_count(bucket: Portal) -> None:
+    statuses = [bucket.call("scope").status_code for _ in range(7)]
+    assert statuses == [200] * 5 + [503] * 2
+    refused = bucket.call("scope")
+    assert refused.json() == {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"}
+    time.sleep(0.6)  # drains 1.2 requests at 2/s: room for exactly one more if refusals added nothing
+    assert bucket.call("scope").status_code == 200
+    assert bucket.call("scope").status_code == 503
+
+
+def test_batch_counts_once_and_control_and_oauth_do_not_count(bucket: Portal) -> None:
+    commands = {f"c{i}": "catalog.document.mode.status" for i in range(20)}
+    for _ in range(30):
+        bucket.control("GET", "stats")
+    bucket.http.get(f"{bucket.url}/oauth/token/", params={"grant_type": "refresh_token"})
+    statuses = [bucket.call("batch", {"cmd": commands}).status_code for _ in range(6)]
+    assert statuses == [200] * 5 + [503]
+
+
+@pytest.fixture(scope="module")
+def tight_budget(sandbox_factory: Callable[..., Any]) -> Any:
+    return sandbox_factory("--documents", "8", "--durations-zero", "--rate", "100", "--burst", "1000",
+                           "--operating-limit", "1", "--operating-window", "3",
+                           "--duration", "catalog.document.cancel=0.4",
+                           "--duration", "catalog.document.list=0.05")
+
+
+def test_operating_limit_blocks_one_method_until_reset(tight_budget: Any) -> None:
+    portal = Portal(tight_budget.url, tight_budget.extra["webhook"])
+    portal.control("POST", "reset")
+    operating = []
+    for doc_id in (1, 2, 3):
+        answer = portal.call("catalog.document.cancel", {"id": doc_id})
+        assert answer.status_code == 200, answer.text
+        operating.append(answer.json()["time"]["operating"])
+    assert operating == pytest.approx([0.4, 0.8, 1.2], abs=0.05)
+    reset_at = answer.json()["time"]["operating_reset_at"]
+    assert time.time() < reset_at <= time.time() + 4
+
+    blocked = portal.call("catalog.document.cancel", {"id": 4})
+    assert blocked.status_code == 429
+    assert blocked.json() == {"error": "OPERATION_TIME_LIMIT",
+                              "error_description": "Method is blocked due to operation time limit."}
+    listed = portal.call("catalog.document.list", {"select": ["id"]})
+    assert listed.status_code == 200
+    assert listed.json()["time"]["operating"] == 0  # 0.05 s calls are not recorded
+    inner = portal.call("batch", {"cmd": {"c": "catalog.document.cancel?id=4"}}).json()["result"]
+    assert inner["result_error"]["c"]["error"] == "OPERATION_TIME_LIMIT"
+    assert portal.control("GET", "documents/4")["status"] == "Y"
+
+    # The budget belongs to the webhook: the OAuth app still may call the method.
+    token = portal.control("POST", "oauth/tokens")["access_token"]
+    app_call = portal.http.post(f"{portal.url}/rest/catalog.document.cancel", json={"id": 5, "auth": token})
+    assert app_call.status_code == 200
+    assert app_call.json()["time"]["operating"] == pytest.approx(0.4, abs=0.05)
+
+    time.sleep(max(0.0, reset_at - time.time()) + 0.1)
+    again = portal.call("catalog.document.cancel", {"id": 4})
+    assert again.status_code == 200
+    assert again.json()["time"]["operating"] == pytest.approx(0.4, abs=0.05)
+    portal.http.close()
+
+
+def test_start_up_flags(sandbox_factory: Callable[..., Any]) -> None:
+    proc = sandbox_factory("--documents", "6", "--seed", "7", "--plan", "enterprise", "--language", "ru",
+                           "--cancelled-status", "N", "--token-lifetime", "60",
+                           "--application-token", "tok-1", "--member-id", "abc123")
+    portal = Portal(proc.url, proc.extra["webhook"])
+    try:
+        config = portal.control("GET", "config")
+        assert (config["rate"], config["burst"], config["language"]) == (5.0, 250, "ru")
+        assert (config["application_token"], config["member_id"], config["token_lifetime"]) == (
+            "tok-1", "abc123", 60)
+        assert config["durations"]["catalog.document.cancel"] == 0.3
+        documents = portal.control("GET", "documents")
+        assert len(documents) == 6 and {d["docType"] for d in documents} == {"A", "S", "M", "R", "D"}
+        answer = portal.call("catalog.document.cancel", {"id": 1})
+        # Default durations are accounted (0.3 s for a cancel) although nothing sleeps that long.
+        assert answer.json()["time"]["operating"] == pytest.approx(0.3, abs=0.05)
+        assert answer.json()["time"]["processing"] >= 0.3
+        assert answer.elapsed.total_seconds() < 0.3
+        assert portal.control("GET", "documents/1")["status"] == "N"
+        again = portal.call("catalog.document.cancel", {"id": 1})
+        assert again.json()["error_description"] == (
+            "Ошибка отмены проведения документа: Документ еще не проведен")
+        token = portal.control("POST", "oauth/tokens")
+        assert token["expires_in"] == 60 and token["member_id"] == "abc123"
+    finally:
+        portal.http.close()
+
+
+def test_same_seed_same_documents_other_seed_other_documents(sandbox_factory: Callable[..., Any],
+                                                             sandbox: Any) -> None:
+    shared = httpx.get(f"{sandbox.url}/_sandbox/documents").json()
+    other = sandbox_factory("--documents", "20", "--seed", "2", "--durations-zero")
+    different = httpx.get(f"{other.url}/_sandbox/documents").json()
+    assert [d["docNumber"] for d in different] == [d["docNumber"] for d in shared]
+    assert [d["docType"] for d in different] != [d["docType"] for d in shared]
+    httpx.post(f"{other.url}/_sandbox/reset", json={"documents": 20}).raise_for_status()
+    assert httpx.get(f"{other.url}/_sandbox/documents").json() == different
