@@ -50,11 +50,12 @@ def bucket_limits(plan: str, rate: float | None, burst: int | None,
                   headroom: float = DEFAULT_HEADROOM) -> tuple[float, float]:
     """The (rate per second, capacity) we allow ourselves on a portal.
 
-    `rate` and `burst` override the plan's figures; they describe the *portal's* limit, so the headroom
-    applies to them too (pass headroom=1.0 to use them as they are). The headroom scales both numbers:
-    scaling only the burst would still let us drain the shared bucket at its full rate forever, leaving
-    nothing for other integrations on the same IP; scaling the rate leaves them that share for good.
-    Standard: (1.6, 40.0). Enterprise: (4.0, 200.0). The capacity is never below one request.
+    `rate` and `burst` override the plan's figures; they describe the *portal's* limit. The headroom
+    scales the burst only: we keep (1 - headroom) of the portal's bucket free for other integrations on the
+    same IP and for timing jitter between our clock and the portal's, and drain at the portal's own rate, so a
+    long queue of work finishes as fast as the portal allows. If another app does use the rate, the portal
+    answers QUERY_LIMIT_EXCEEDED and `penalize()` halves our rate for a while.
+    Standard: (2.0, 40.0). Enterprise: (5.0, 250 * 0.8 = 200.0). The capacity is never below one request.
     """
     try:
         plan_rate, plan_burst = PLAN_LIMITS[plan.strip().lower()]
@@ -66,7 +67,7 @@ def bucket_limits(plan: str, rate: float | None, burst: int | None,
     portal_burst = plan_burst if burst is None else burst
     if portal_rate <= 0 or portal_burst < 1:
         raise ValueError(f"rate must be > 0 and burst >= 1, got rate={portal_rate} burst={portal_burst}")
-    return portal_rate * headroom, max(1.0, portal_burst * headroom)
+    return portal_rate, max(1.0, portal_burst * headroom)
 
 
 # Shared Lua prologue: the Redis server's clock, so every machine agrees on "now".

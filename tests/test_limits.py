@@ -49,12 +49,12 @@ def all_keys_expire(conn: redis.Redis) -> None:
 def test_bucket_limits_plans_overrides_and_headroom() -> None:
     assert PLAN_LIMITS == {"standard": (2.0, 50), "enterprise": (5.0, 250)}
     rate, capacity = bucket_limits("standard", None, None, 0.8)
-    assert rate == pytest.approx(1.6) and capacity == pytest.approx(40.0)
-    assert bucket_limits("Enterprise", None, None, 0.8) == pytest.approx((4.0, 200.0))
-    assert bucket_limits("standard", None, None) == pytest.approx((1.6, 40.0))  # 0.8 is the default
+    assert rate == pytest.approx(2.0) and capacity == pytest.approx(40.0)  # headroom is taken from the burst
+    assert bucket_limits("Enterprise", None, None, 0.8) == pytest.approx((5.0, 200.0))
+    assert bucket_limits("standard", None, None) == pytest.approx((2.0, 40.0))  # 0.8 is the default
     assert bucket_limits("standard", 3.0, 100, 1.0) == pytest.approx((3.0, 100.0))
-    assert bucket_limits("enterprise", 1.0, None, 0.5) == pytest.approx((0.5, 125.0))
-    assert bucket_limits("standard", None, 1, 0.5) == pytest.approx((1.0, 1.0))  # never below one request
+    assert bucket_limits("enterprise", 1.0, None, 0.5) == pytest.approx((1.0, 125.0))
+    assert bucket_limits("standard", None, 1, 0.5) == pytest.approx((2.0, 1.0))  # never below one request
     with pytest.raises(ValueError):
         bucket_limits("gold", None, None, 0.8)
     with pytest.raises(ValueError):
