@@ -64,7 +64,9 @@ def cancel_documents(request_id: str) -> dict[str, Any] | Retry:
             return retry
         for doc in docs:
             if doc["outcome"] is None:
-                doc.update(outcome="failed", detail=f"{err.code}: {err.description}", advice=err.advice or None)
+                unsure = " (the last cancel got no answer: check the document in the portal)" if doc.get("sent") else ""
+                doc.update(outcome="failed", detail=f"{err.code}: {err.description}{unsure}",
+                           advice=err.advice or None)
                 doc.pop("sent", None)
         finish(conn, request_id, docs, error=str(err))
         final_failure(f"request {request_id}: {err}")
