@@ -10,12 +10,10 @@ from typing import Any
 import redis
 import sentry_sdk
 from flask import Flask, Response, request
-from standardwebhooks.webhooks import Webhook
 from werkzeug.exceptions import HTTPException
 
 import observability
 from handlers.intake import ERROR_NAMES, IntakeError, Services
-from jobs.enqueue import Submitter
 from settings import SettingsError, load_settings
 
 # Largest request body we read (the intake refuses larger ones with 413).
@@ -35,10 +33,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     conn = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
                                 health_check_interval=30)
-    app.extensions["b24cancel"] = Services(
-        settings=settings, redis=conn, submitter=Submitter(conn, settings.request_ttl),
-        verifiers=[Webhook(secret) for secret in settings.webhook_secrets],
-    )
+    app.extensions["b24cancel"] = Services.build(settings, conn)
 
     from handlers import api, events, health, robot
 

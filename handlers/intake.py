@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from flask import Request, current_app, url_for
+from flask import Request, current_app
+from redis import Redis
 from standardwebhooks.webhooks import Webhook
 
 from bitrix24.limits import LeakyBucket, OperatingBudget
@@ -48,12 +49,27 @@ ERROR_NAMES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 40
 
 @dataclass
 class Services:
-    """What the handlers use, built once per process in create_app."""
+    """What the handlers use, built once per process in create_app (nothing is rebuilt per request)."""
 
     settings: Settings
     redis: redis.Redis
     submitter: Submitter
     verifiers: list[Webhook]
+    api_keys: list[str] = field(default_factory=list)
+    portals: dict[str, Portal] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings, conn: Redis) -> Services:
+        """Everything the intake needs, from the settings."""
+        return cls(settings=settings, redis=conn, submitter=Submitter(conn, settings.request_ttl),
+                   verifiers=[Webhook(secret) for secret in settings.webhook_secrets],
+                   api_keys=settings.api_keys, portals=dict(settings.portals))
+
+    def portal(self, name: str | None) -> Portal | None:
+        """The portal by name; with no name, the only portal when exactly one is configured."""
+        if name is None:
+            return next(iter(self.portals.values())) if len(self.portals) == 1 else None
+        return self.portals.get(name)
 
 
 def services() -> Services:
@@ -77,9 +93,9 @@ def authenticate_trigger(req: Request, svc: Services) -> None:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise IntakeError(401, "Authorization must be 'Bearer <api key>'")
-        keys = list(svc.settings.api_keys)
+        keys = svc.api_keys
         if svc.settings.sandbox_mode and is_loopback(req.remote_addr or ""):
-            keys.append(SANDBOX_API_KEY)
+            keys = [*keys, SANDBOX_API_KEY]
         if not keys or not constant_time_in(key, keys):
             raise IntakeError(401, "unknown API key")
         return
@@ -119,7 +135,7 @@ def choose_portal(svc: Services, name: Any) -> Portal:
     """The named portal, or the only one; 404 when unknown."""
     if name is not None and not isinstance(name, str):
         raise IntakeError(400, "portal must be a string", "portal")
-    portal = svc.settings.portal(name)
+    portal = svc.portal(name)
     if portal is None:
         if name is None:
             raise IntakeError(400, "portal is required when several portals are configured", "portal")
@@ -225,8 +241,7 @@ def submit(svc: Services, request_: dict[str, Any], key: str | None,
     except redis.RedisError:
         current_app.logger.warning("redis unavailable at intake")
         raise IntakeError(503, "the service cannot store requests right now; retry later") from None
-    body: dict[str, Any] = {"request_id": request_id, "status_url": url_for("api.request_status", request_id=request_id,
-                                                            _external=False)}
+    body: dict[str, Any] = {"request_id": request_id, "status_url": f"/v1/requests/{request_id}"}
     if not result.created:
         body["duplicate"] = True
     return body, 202 if result.created else 200

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from flask import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -16,9 +18,16 @@ INTAKE = Counter("b24cancel_intake_requests", "Intake requests by endpoint and H
 QUEUE_DEPTH = Gauge("b24cancel_queue_depth", "Jobs waiting in each RQ queue", ["queue"], registry=REGISTRY)
 
 
+_intake_children: dict[tuple[str, int], Any] = {}
+
+
 def count(endpoint: str | None, status: int) -> None:
-    """Count one answered request."""
-    INTAKE.labels(endpoint or "unknown", str(status)).inc()
+    """Count one answered request (label lookups cached: this runs on every request)."""
+    key = (endpoint or "unknown", status)
+    child = _intake_children.get(key)
+    if child is None:
+        child = _intake_children[key] = INTAKE.labels(key[0], str(status))
+    child.inc()
 
 
 def render(svc: Services) -> Response:

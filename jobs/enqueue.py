@@ -4,10 +4,18 @@ RQ's own `enqueue` costs several round trips and has no "only if this key is new
 job with RQ (`Queue.create_job`, the JSON serializer) so it is a real RQ job that workers, `rq info`
 and the failed registry understand, then write it with one Lua script that first checks the request
 record: if it exists, the request is a repeat and nothing is written.
+
+Most of a job's fields are the same for every request (callbacks, retry policy, TTLs, origin). They
+are taken once, at start-up, from a template job that RQ builds, and written into the script; a
+request sends only what differs (its id, payload and times). `tests/test_units.py` checks that the
+hash we write is the one RQ writes.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,28 +23,36 @@ import redis
 from rq import Queue, Retry
 from rq.callbacks import Callback
 from rq.serializers import JSONSerializer
+from rq.utils import now, utcformat
 
 from jobs import policy, records
-
-SUBMIT_SCRIPT = """
--- KEYS[1] request record, KEYS[2] job hash, KEYS[3] queue list, KEYS[4] set of queues
--- ARGV[1] record TTL, ARGV[2] job id, ARGV[3] queue key, ARGV[4] count of record args, then record
--- field/value pairs, then job field/value pairs
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
-local n = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + n))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
-redis.call('HSET', KEYS[2], unpack(ARGV, 5 + n))
-redis.call('RPUSH', KEYS[3], ARGV[2])
-redis.call('SADD', KEYS[4], ARGV[3])
-return 1
-"""
 
 # Abandoned jobs (their worker was killed) do not reach RQ's exception handlers; this callback
 # reports them (see jobs/hooks.py).
 ON_FAILURE = Callback("jobs.hooks.on_job_failure")
+
+# The job fields that differ per request; every other field comes from the template.
+PER_REQUEST_JOB_FIELDS = ("data", "created_at", "enqueued_at", "description")
+# The record fields that differ per request (state, attempts... are the same for every new record).
+PER_REQUEST_RECORD_FIELDS = ("request", "documents", "created_at", "updated_at")
+LUA_LITERAL = re.compile(r"^[\x20-\x7e]*$")
+
+SUBMIT_SCRIPT = """
+-- KEYS[1] request record, KEYS[2] job hash, KEYS[3] queue list, KEYS[4] set of queues
+-- ARGV[1] record TTL, ARGV[2] job id, ARGV[3] queue key, ARGV[4] request JSON, ARGV[5] documents JSON,
+-- ARGV[6] unix time, ARGV[7] job data, ARGV[8] job time (RQ's format), ARGV[9] job description
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'request', ARGV[4], 'documents', ARGV[5], 'created_at', ARGV[6],
+           'updated_at', ARGV[6] %(record_constants)s)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+redis.call('HSET', KEYS[2], 'data', ARGV[7], 'created_at', ARGV[8], 'enqueued_at', ARGV[8],
+           'description', ARGV[9] %(job_constants)s)
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[3])
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,29 @@ class Submitted:
     created: bool
 
 
+def build_job(queue: Queue, func: str, request_id: str, job_id: str) -> Any:
+    """The RQ job for `func(request_id)` as RQ's `enqueue` would write it."""
+    job = queue.create_job(
+        func, args=(request_id,), job_id=job_id, timeout=policy.JOB_TIMEOUT,
+        result_ttl=policy.RESULT_TTL, failure_ttl=policy.FAILURE_TTL,
+        retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS),
+        on_failure=ON_FAILURE, description=f"{func.rsplit('.', 1)[-1]}({request_id})",
+    )
+    queue._prepare_for_queue(job)  # origin, enqueued_at, timeout, status: what Queue.enqueue_job sets
+    return job
+
+
+def _lua_pairs(fields: dict[str, Any], encoder: Any) -> str:
+    """`, 'name', 'value'` for each constant field, as Lua literals."""
+    parts = []
+    for name, value in fields.items():
+        text = encoder.encode(value).decode("ascii")
+        if not LUA_LITERAL.match(text) or not LUA_LITERAL.match(name):
+            raise ValueError(f"job field {name} cannot be written as a Lua literal")
+        parts.append(f", {json.dumps(name)}, {json.dumps(text)}")
+    return "".join(parts)
+
+
 class Submitter:
     """Writes requests and their first job; built once per process, used by every request."""
 
@@ -55,28 +94,36 @@ class Submitter:
         self.record_ttl = record_ttl
         self.queues = {name: Queue(name, connection=conn, serializer=JSONSerializer)
                        for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE)}
-        self.script = conn.register_script(SUBMIT_SCRIPT)
+        self._scripts: dict[tuple[str, str], Any] = {}
+
+    def _script(self, queue: Queue, func: str) -> Any:
+        """The submit script for jobs of `func` on `queue`, with the constant fields written in."""
+        key = (queue.name, func)
+        if key not in self._scripts:
+            template = build_job(queue, func, "0" * 32, "template").to_dict()
+            record = records.new_record({})
+            encoder = self.conn.get_encoder()
+            source = SUBMIT_SCRIPT % {
+                "job_constants": _lua_pairs({k: v for k, v in template.items()
+                                             if k not in PER_REQUEST_JOB_FIELDS}, encoder),
+                "record_constants": _lua_pairs({k: v for k, v in record.items()
+                                                if k not in PER_REQUEST_RECORD_FIELDS}, encoder),
+            }
+            self._scripts[key] = self.conn.register_script(source)
+        return self._scripts[key]
 
     def submit(self, request_id: str, request: dict[str, Any], func: str, job_id: str,
                queue: str = policy.CANCEL_QUEUE) -> Submitted:
         """Write the record and enqueue `func(request_id)` unless the record exists; one round trip."""
         q = self.queues[queue]
-        job = q.create_job(
-            func, args=(request_id,), job_id=job_id, timeout=policy.JOB_TIMEOUT,
-            result_ttl=policy.RESULT_TTL, failure_ttl=policy.FAILURE_TTL,
-            retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS),
-            on_failure=ON_FAILURE, description=f"{func.rsplit('.', 1)[-1]}({request_id})",
-        )
-        q._prepare_for_queue(job)  # origin, enqueued_at, timeout, status: what Queue.enqueue_job sets
-        record_args: list[Any] = []
-        for name, value in records.new_record(request).items():
-            record_args += [name, value]
-        job_args: list[Any] = []
-        for name, value in job.to_dict().items():
-            job_args += [name, value]
-        created = self.script(
-            keys=[records.request_key(request_id), job.key, q.key, Queue.redis_queues_keys],
-            args=[self.record_ttl, job.id, q.key, len(record_args), *record_args, *job_args],
+        script = self._script(q, func)
+        record = records.new_record(request)
+        data = zlib.compress(JSONSerializer.dumps([func, None, [request_id], {}]))
+        created = script(
+            keys=[records.request_key(request_id), f"{q.job_class.redis_job_namespace_prefix}{job_id}", q.key,
+                  Queue.redis_queues_keys],
+            args=[self.record_ttl, job_id, q.key, record["request"], record["documents"], record["created_at"],
+                  data, utcformat(now()), f"{func.rsplit('.', 1)[-1]}({request_id})"],
         )
         return Submitted(request_id=request_id, created=bool(created))
 

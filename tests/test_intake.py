@@ -245,3 +245,20 @@ def test_sandbox_key_works_only_in_sandbox_mode_from_loopback(redis_conn: redis.
 def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
     assert client.get("/nope").get_json()["error"] == "not_found"
     assert client.get("/v1/cancel").status_code == 405
+
+
+def test_fast_path_writes_the_job_hash_rq_itself_writes(client: FlaskClient, redis_conn: redis.Redis) -> None:
+    from jobs.enqueue import build_job
+
+    request_id = post(client, GOOD, {"Idempotency-Key": "same-as-rq"}).get_json()["request_id"]
+    ours = {k.decode(): v for k, v in redis_conn.hgetall(f"rq:job:cancel-{request_id}").items()}
+    queue = Queue("cancel", connection=redis_conn, serializer=JSONSerializer)
+    theirs = build_job(queue, "jobs.cancel.cancel_documents", request_id, f"cancel-{request_id}").to_dict()
+    encoder = redis_conn.get_encoder()
+    expected = {k: encoder.encode(v) for k, v in theirs.items()}
+    for moment in ("created_at", "enqueued_at"):
+        assert ours.pop(moment) and expected.pop(moment)
+    assert ours == expected
+    job = Job.fetch(f"cancel-{request_id}", connection=redis_conn, serializer=JSONSerializer)
+    assert (job.func_name, job.args, job.origin, job.retries_left) == ("jobs.cancel.cancel_documents",
+                                                                        [request_id], "cancel", 3)
