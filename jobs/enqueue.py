@@ -22,6 +22,7 @@ from typing import Any
 import redis
 from rq import Queue, Retry
 from rq.callbacks import Callback
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
@@ -35,6 +36,8 @@ ON_FAILURE = Callback("jobs.hooks.on_job_failure")
 PER_REQUEST_JOB_FIELDS = ("data", "created_at", "enqueued_at", "description")
 # The record fields that differ per request (state, attempts... are the same for every new record).
 PER_REQUEST_RECORD_FIELDS = ("request", "documents", "created_at", "updated_at")
+# The jobs the intake enqueues (cancel for triggers and robots, resolve for Bitrix24 events).
+INTAKE_JOBS = ("jobs.cancel.cancel_documents", "jobs.resolve.resolve_event")
 LUA_LITERAL = re.compile(r"^[\x20-\x7e]*$")
 
 SUBMIT_SCRIPT = """
@@ -71,7 +74,10 @@ def build_job(queue: Queue, func: str, request_id: str, job_id: str) -> Any:
         retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS),
         on_failure=ON_FAILURE, description=f"{func.rsplit('.', 1)[-1]}({request_id})",
     )
-    queue._prepare_for_queue(job)  # origin, enqueued_at, timeout, status: what Queue.enqueue_job sets
+    # What Queue.enqueue_job sets before writing (without its INFO call for the server's version).
+    job.origin = queue.name
+    job.enqueued_at = now()
+    job._status = JobStatus.QUEUED
     return job
 
 
@@ -95,6 +101,8 @@ class Submitter:
         self.queues = {name: Queue(name, connection=conn, serializer=JSONSerializer)
                        for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE)}
         self._scripts: dict[tuple[str, str], Any] = {}
+        for func in INTAKE_JOBS:  # built here, not on a request: the first request pays nothing extra
+            self._script(self.queues[policy.CANCEL_QUEUE], func)
 
     def _script(self, queue: Queue, func: str) -> Any:
         """The submit script for jobs of `func` on `queue`, with the constant fields written in."""

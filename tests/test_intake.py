@@ -10,7 +10,7 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
-from rq import Queue
+from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -248,17 +248,21 @@ def test_unknown_route_and_method_are_json(client: FlaskClient) -> None:
 
 
 def test_fast_path_writes_the_job_hash_rq_itself_writes(client: FlaskClient, redis_conn: redis.Redis) -> None:
-    from jobs.enqueue import build_job
+    from jobs import policy
+    from jobs.enqueue import ON_FAILURE
 
     request_id = post(client, GOOD, {"Idempotency-Key": "same-as-rq"}).get_json()["request_id"]
     ours = {k.decode(): v for k, v in redis_conn.hgetall(f"rq:job:cancel-{request_id}").items()}
-    queue = Queue("cancel", connection=redis_conn, serializer=JSONSerializer)
-    theirs = build_job(queue, "jobs.cancel.cancel_documents", request_id, f"cancel-{request_id}").to_dict()
-    encoder = redis_conn.get_encoder()
-    expected = {k: encoder.encode(v) for k, v in theirs.items()}
+    queue = Queue("reference", connection=redis_conn, serializer=JSONSerializer)
+    queue.enqueue("jobs.cancel.cancel_documents", request_id, job_id="reference", job_timeout=policy.JOB_TIMEOUT,
+                  result_ttl=policy.RESULT_TTL, failure_ttl=policy.FAILURE_TTL, on_failure=ON_FAILURE,
+                  retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS),
+                  description=f"cancel_documents({request_id})")
+    theirs = {k.decode(): v for k, v in redis_conn.hgetall("rq:job:reference").items()}
     for moment in ("created_at", "enqueued_at"):
-        assert ours.pop(moment) and expected.pop(moment)
-    assert ours == expected
+        assert ours.pop(moment) and theirs.pop(moment)
+    assert theirs.pop("origin") == b"reference" and ours.pop("origin") == b"cancel"
+    assert ours == theirs
     job = Job.fetch(f"cancel-{request_id}", connection=redis_conn, serializer=JSONSerializer)
     assert (job.func_name, job.args, job.origin, job.retries_left) == ("jobs.cancel.cancel_documents",
                                                                         [request_id], "cancel", 3)
