@@ -1,0 +1,58 @@
+"""How jobs end when they cannot finish now: retry budgets, limit deferrals and backoff (real Redis)."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from bitrix24.errors import Bitrix24Error
+from jobs import policy, records
+from jobs.lifecycle import retry_later
+
+
+def new_request(conn: redis.Redis, request_id: str = "a" * 32) -> str:
+    conn.hset(records.request_key(request_id), mapping=records.new_record({"portal": "p", "document_ids": [1]}))
+    return request_id
+
+
+def error(code: str, retryable: bool, http_status: int = 500) -> Bitrix24Error:
+    return Bitrix24Error(code, "x", http_status, "catalog.document.cancel", retryable=retryable)
+
+
+def test_transient_errors_use_the_retry_budget_then_give_up(redis_conn: redis.Redis) -> None:
+    request_id = new_request(redis_conn)
+    for attempt in range(1, policy.TRANSIENT_RETRY_MAX + 1):
+        retry = retry_later(redis_conn, request_id, error("INTERNAL_SERVER_ERROR", True), "transient_failures")
+        assert retry is not None, attempt
+        record = records.load(redis_conn, request_id)
+        assert record is not None and record["state"] == "retrying"
+        assert float(record["resume_at"]) > time.time()
+    assert retry_later(redis_conn, request_id, error("INTERNAL_SERVER_ERROR", True), "transient_failures") is None
+
+
+def test_limit_answers_never_use_the_retry_budget(redis_conn: redis.Redis) -> None:
+    request_id = new_request(redis_conn)
+    for _ in range(policy.TRANSIENT_RETRY_MAX * 3):
+        assert retry_later(redis_conn, request_id, error("QUERY_LIMIT_EXCEEDED", True, 503), "transient_failures")
+    reset_at = time.time() + 120
+    limited = error("OPERATION_TIME_LIMIT", True, 429)
+    limited.reset_at = reset_at
+    retry = retry_later(redis_conn, request_id, limited, "transient_failures")
+    assert retry is not None and retry.intervals[0] >= 119
+    record = records.load(redis_conn, request_id)
+    assert record is not None and record["transient_failures"] == 0
+    assert record["deferrals"] == policy.TRANSIENT_RETRY_MAX * 3 + 1
+
+
+def test_permanent_errors_are_not_retried(redis_conn: redis.Redis) -> None:
+    request_id = new_request(redis_conn)
+    assert retry_later(redis_conn, request_id, error("NO_AUTH_FOUND", False, 401), "transient_failures") is None
+
+
+def test_backoff_grows_with_jitter_and_stays_capped() -> None:
+    first = [policy.transient_backoff(1) for _ in range(50)]
+    fifth = [policy.transient_backoff(5) for _ in range(50)]
+    late = [policy.transient_backoff(30) for _ in range(50)]
+    assert max(first) <= 2 and min(fifth) >= 16 and len(set(fifth)) > 1
+    assert max(late) <= policy.TRANSIENT_BACKOFF_CAP
