@@ -28,7 +28,8 @@ def on_job_failure(job: Job, connection: Any, exc_type: type[BaseException] | No
 def report_lost_job(job: Job, why: str) -> None:
     """One log line and one Sentry event for a job that died outside Python's reach."""
     final = not job.retries_left
-    log.error("job lost", extra={"job_id": job.id, "why": why, "will_retry": not final})
+    # A warning, not an error: Sentry's logging integration would turn an error line into a second event.
+    log.warning("job lost", extra={"job_id": job.id, "why": why, "will_retry": not final})
     with sentry_sdk.new_scope() as scope:
         scope.set_tag("job_id", job.id)
         scope.set_tag("func", job.func_name)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import signal
 import threading
 import time
 import zlib
@@ -129,3 +132,44 @@ def test_unhandled_web_error_sends_one_event(redis_proc: devenv.Process, sink: E
         assert API_KEY.encode() not in raw
     finally:
         sentry_sdk.init(dsn=None)
+
+
+def horse_of(worker: devenv.Process) -> int | None:
+    """The worker's work-horse: its child that runs in a process group of its own (RQ calls setpgrp)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid, pgid = int(stat.parent.name), int(fields[1]), int(fields[2])
+        if ppid == worker.pid and pgid == pid:
+            return pid
+    return None
+
+
+def test_killed_work_horse_is_reported_and_its_request_still_completes_once(
+        redis_proc: devenv.Process, sandbox: devenv.Process, sink: EnvelopeSink, tmp_path: Path) -> None:
+    portal = SandboxView(sandbox.url)
+    portal.faults({"kind": "slow", "method": "batch", "times": 1, "seconds": 8})
+    env = service_env(redis_proc.url, sandbox.extra["webhook"], SENTRY_DSN=sink.dsn, B24_READ_TIMEOUT="30")
+    worker = devenv.start_worker(env, log=tmp_path / "worker.log")
+    try:
+        app = create_app({"_env_file": None, "redis_url": redis_proc.url, "b24_webhook_url": sandbox.extra["webhook"],
+                          "b24_chat_id": "chat1", "trigger_api_keys": API_KEY})
+        client = app.test_client()
+        response = client.post("/v1/cancel", json={"document_ids": [4], "reason": "kill"},
+                               headers={**bearer(), "Idempotency-Key": "kill-horse"})
+        request_id = response.get_json()["request_id"]
+        wait_for(lambda: portal.calls("batch"), timeout=20, what="the slow cancel batch to start")
+        horse = wait_for(lambda: horse_of(worker), timeout=10, what="the work-horse")
+        os.kill(horse, signal.SIGKILL)
+        state = finished(client, request_id, timeout=60)
+        assert state["state"] == "done"
+        assert [d["outcome"] for d in state["documents"]] == ["cancelled"]
+        assert len([c for c in portal.calls("catalog.document.cancel") if c.get("applied")]) == 1
+        assert len([m for m in portal.messages() if request_id in m["message"]]) == 1
+        events = wait_for(sink.events, timeout=15, what="the Sentry event for the killed horse")
+    finally:
+        worker.stop()
+    assert len(events) == 1
+    assert "work-horse killed" in json.dumps(events[0])
