@@ -38,6 +38,12 @@ BATCH_MAX = 50
 RATE_LIMIT_RESENDS = 4
 
 
+class Observer(Protocol):
+    """Counts what the client did (a metrics sink): `observe(name, *labels)`."""
+
+    def __call__(self, name: str, *labels: str, amount: float = 1.0) -> None: ...
+
+
 class Gate(Protocol):
     """The shared limits a call passes through (implemented over Redis in bitrix24.limits)."""
 
@@ -107,7 +113,8 @@ def php_query(params: Mapping[str, Any]) -> str:
 class Bitrix24Client:
     """Calls one portal through its incoming-webhook URL."""
 
-    def __init__(self, webhook_url: str, portal: str, http: httpx.Client, gate: Gate | None = None) -> None:
+    def __init__(self, webhook_url: str, portal: str, http: httpx.Client, gate: Gate | None = None,
+                 observe: Observer | None = None) -> None:
         parts = urlsplit(webhook_url)
         if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(parts.hostname or "")):
             raise ValueError("Bitrix24 is called over https; plain http only for a loopback sandbox")
@@ -115,6 +122,7 @@ class Bitrix24Client:
         self.portal = portal
         self.http = http
         self.gate = gate
+        self.observe = observe
 
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> Answer:
         """Call one method; raise Bitrix24Error (or Throttled) when it does not succeed."""
@@ -138,9 +146,15 @@ class Bitrix24Client:
         if isinstance(timings, list):
             timings = {str(i): t for i, t in enumerate(timings)}
         errors: dict[str, Bitrix24Error] = {}
+        if self.observe:
+            for key in results:
+                if key in commands:
+                    self.observe("bitrix24_calls", self.portal, commands[key][0], "ok")
         for key, err in raw_errors.items():
             method = commands[key][0] if key in commands else "batch"
             errors[key] = classify(str(err.get("error", "")), str(err.get("error_description", "")), None, method)
+            if self.observe:
+                self.observe("bitrix24_calls", self.portal, method, errors[key].code)
             if errors[key].code == OPERATING_LIMITED and self.gate:
                 self.gate.operating_limited(method, None)
         if self.gate:
@@ -207,6 +221,8 @@ class Bitrix24Client:
 
     def _log(self, method: str, status: int | None, elapsed: float | None, error: str | None,
              operating: Any = None) -> None:
+        if self.observe:
+            self.observe("bitrix24_calls", self.portal, method, error or "ok")
         log.info("bitrix24 call", extra={
             "portal": self.portal, "method": method, "http_status": status, "error": error,
             "ms": round(elapsed * 1000, 1) if elapsed is not None else None, "operating": operating,

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from bitrix24.client import Observer
 from bitrix24.errors import Throttled
 from bitrix24.limits import LeakyBucket, OperatingBudget, bucket_limits
 
@@ -26,22 +27,24 @@ class PortalGate:
     """Implements bitrix24.client.Gate over Redis for one portal."""
 
     def __init__(self, portal: str, bucket: LeakyBucket, budget: OperatingBudget, max_sleep: float,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, observe: Observer | None = None) -> None:
         self.portal = portal
+        self.observe = observe
         self.bucket = bucket
         self.budget = budget
         self.max_sleep = max_sleep
         self.sleep = sleep
 
     @classmethod
-    def for_portal(cls, conn: redis.Redis, portal: Any, settings: Any, max_sleep: float) -> PortalGate:
+    def for_portal(cls, conn: redis.Redis, portal: Any, settings: Any, max_sleep: float,
+                   observe: Observer | None = None) -> PortalGate:
         """The gate for a configured portal, with its plan's limits and the settings' overrides."""
         rate, capacity = bucket_limits(portal.plan, settings.b24_rate_limit, settings.b24_rate_burst,
                                        settings.b24_rate_headroom)
         return cls(portal.name, LeakyBucket(conn, portal.name, rate, capacity),
                    OperatingBudget(conn, portal.name, limit=settings.b24_operating_limit,
                                    window=settings.b24_operating_window, margin=settings.b24_operating_margin),
-                   max_sleep)
+                   max_sleep, observe=observe)
 
     def before(self, methods: Sequence[str]) -> None:
         """Refuse a paused method, then take one token (sleeping a short wait)."""
@@ -49,11 +52,14 @@ class PortalGate:
         for method in resumed:
             log.info("portal method resumed", extra={"portal": self.portal, "method": method})
         for method, until in paused.items():
+            self._count("limiter_deferrals", "operating")
             raise Throttled(until, f"{method} paused by the operating-time budget")
         wait = self.bucket.reserve(1, max_wait=self.max_sleep)
         if wait > self.max_sleep:
+            self._count("limiter_deferrals", "rate")
             raise Throttled(time.time() + wait, "request-rate limit")
         if wait > 0:
+            self._count("limiter_wait_seconds", amount=wait)
             self.sleep(wait)
 
     def after(self, method: str, timing: Mapping[str, Any] | None) -> None:
@@ -80,6 +86,11 @@ class PortalGate:
             log.warning("portal method paused", extra={"portal": self.portal, "method": method,
                                                        "until": round(pause.until), "why": "OPERATION_TIME_LIMIT"})
         return pause.until
+
+
+    def _count(self, name: str, *labels: str, amount: float = 1.0) -> None:
+        if self.observe:
+            self.observe(name, self.portal, *labels, amount=amount)
 
 
 def _number(value: Any) -> float | None:

@@ -69,8 +69,12 @@ def cancel_documents(request_id: str) -> dict[str, Any] | Retry:
                            advice=err.advice or None)
                 doc.pop("sent", None)
         finish(conn, request_id, docs, error=str(err))
+        for doc in docs:
+            ctx.tally.observe("document_outcomes", portal.name, doc["outcome"])
         final_failure(f"request {request_id}: {err}")
     finish(conn, request_id, docs)
+    for doc in docs:
+        ctx.tally.observe("document_outcomes", portal.name, doc["outcome"])
     failed = [doc for doc in docs if doc["outcome"] == "failed"]
     if failed:
         final_failure(f"request {request_id}: {len(failed)} document(s) failed: {failed[0]['detail']}")

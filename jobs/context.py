@@ -17,6 +17,7 @@ from rq import get_current_job
 from bitrix24.client import Bitrix24Client
 from bitrix24.gate import PortalGate
 from jobs import policy
+from jobs.metrics import Tally
 from settings import Portal, Settings, load_settings
 
 
@@ -30,6 +31,7 @@ class WorkerContext:
 
     settings: Settings
     tls: ssl.SSLContext = field(default_factory=httpx.create_ssl_context)
+    tally: Tally = field(default_factory=Tally)
     pid: int = field(default_factory=os.getpid)
     _http: httpx.Client | None = None
 
@@ -42,8 +44,9 @@ class WorkerContext:
 
     def client(self, portal: Portal, conn: redis.Redis) -> Bitrix24Client:
         """A client for the portal, passing through the limits shared with every other worker."""
-        gate = PortalGate.for_portal(conn, portal, self.settings, max_sleep=policy.MAX_SLEEP)
-        return Bitrix24Client(portal.webhook_url, portal.name, self.http, gate)
+        gate = PortalGate.for_portal(conn, portal, self.settings, max_sleep=policy.MAX_SLEEP,
+                                     observe=self.tally.observe)
+        return Bitrix24Client(portal.webhook_url, portal.name, self.http, gate, observe=self.tally.observe)
 
 
 _context: WorkerContext | None = None

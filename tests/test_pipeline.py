@@ -224,3 +224,15 @@ def test_missing_scope_fails_the_request_reports_it_and_keeps_the_job(
     job = Job.fetch(f"cancel-{request_id}", connection=conn, serializer=JSONSerializer)
     assert job.get_status() == "failed"
     assert len(portal.calls("catalog.document.cancel")) == 1  # a permanent error is not retried
+
+
+def test_metrics_show_what_the_workers_did(client: FlaskClient, portal: SandboxView) -> None:
+    request_id = submit(client, "metrics-1", document_ids=[20])
+    finished(client, request_id)
+    page = wait_for(lambda: (text := client.get("/metrics").get_data(as_text=True))
+                    and 'b24cancel_document_outcomes_total{outcome="cancelled",portal="default"}' in text and text,
+                    timeout=10, what="the worker's counts in /metrics")
+    assert 'b24cancel_bitrix24_calls_total{method="catalog.document.cancel",portal="default",result="ok"}' in page
+    assert 'b24cancel_bitrix24_calls_total{method="im.message.add",portal="default",result="ok"}' in page
+    assert 'b24cancel_intake_requests_total{endpoint="api.cancel",status="202"}' in page
+    assert "b24cancel_queue_depth" in page
