@@ -34,7 +34,9 @@ def remember_secrets(settings: Settings) -> None:
     values: list[str | None] = [*settings.api_keys, *settings.webhook_secrets]
     for portal in settings.portals.values():
         values += [portal.application_token, portal.robot_secret]
-        match = re.search(r"/rest/\d+/([A-Za-z0-9_]+)/", portal.webhook_url)
+        if portal.oauth:
+            values += [portal.oauth.client_secret, portal.oauth.refresh_token]
+        match = re.search(r"/rest/\d+/([A-Za-z0-9_]+)/", portal.webhook_url or "")
         values.append(match.group(1) if match else None)
     _secrets[:] = sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
 

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bitrix24.auth import OAuthApp
+
 # The portal name that the single-portal variables (B24_*) define.
 DEFAULT_PORTAL = "default"
 # Bitrix24 incoming-webhook URL: https://<portal>/rest/<user id>/<code>/
@@ -60,12 +62,25 @@ def check_webhook_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{path}"
 
 
+def check_endpoint_url(url: str) -> str:
+    """Validate and normalise an app's client_endpoint (https://<portal>/rest/); raise ValueError."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname or not parts.path.rstrip("/").endswith("/rest"):
+        raise ValueError("must be the portal's REST endpoint, like https://<portal>.bitrix24.com/rest/")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError("must use https (plain http is accepted only for a loopback sandbox)")
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
+
+
 @dataclass(frozen=True)
 class Portal:
-    """One Bitrix24 portal the service acts on, with its credentials and where it reports."""
+    """One Bitrix24 portal the service acts on, with its credentials and where it reports.
+
+    It is reached through an incoming webhook (`webhook_url`) or as an OAuth app (`oauth`).
+    """
 
     name: str
-    webhook_url: str = field(repr=False)
+    webhook_url: str | None = field(repr=False)
     chat: str
     application_token: str | None = field(default=None, repr=False)
     robot_secret: str | None = field(default=None, repr=False)
@@ -74,26 +89,35 @@ class Portal:
     member_id: str | None = None
     domain: str | None = None
     rules: tuple[dict[str, Any], ...] = ()
+    oauth: OAuthApp | None = field(default=None, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        """Where REST calls go: the webhook URL, or the app's client_endpoint."""
+        if self.webhook_url:
+            return self.webhook_url
+        assert self.oauth is not None, "a portal has a webhook URL or an OAuth app"
+        return self.oauth.client_endpoint
 
     @property
     def masked_url(self) -> str:
-        return mask_webhook_url(self.webhook_url)
+        return mask_webhook_url(self.webhook_url) if self.webhook_url else self.base_url
 
     @property
     def domain_name(self) -> str:
         """The portal's host (with port), as Bitrix24 sends it in auth[domain]."""
-        return urlsplit(self.webhook_url).netloc
+        return urlsplit(self.base_url).netloc
 
     @property
     def origin(self) -> str:
         """scheme://host[:port] of the portal, for links a person clicks."""
-        parts = urlsplit(self.webhook_url)
+        parts = urlsplit(self.base_url)
         return f"{parts.scheme}://{parts.netloc}"
 
     def public(self) -> dict[str, Any]:
         """What may be shown about the portal: never a secret."""
-        return {"name": self.name, "url": self.masked_url, "chat": self.chat,
-                "plan": self.plan, "language": self.language}
+        return {"name": self.name, "url": self.masked_url, "chat": self.chat, "plan": self.plan,
+                "language": self.language, "auth": "oauth app" if self.oauth else "incoming webhook"}
 
 
 class Settings(BaseSettings):
@@ -271,7 +295,14 @@ class PortalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    webhook_url: str
+    webhook_url: str | None = None
+    # Or an OAuth app: its client_endpoint, credentials, the OAuth server and a first refresh token
+    # (the service keeps the rotated tokens in Redis from then on).
+    client_endpoint: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    refresh_token: str | None = None
+    oauth_server: str = "https://oauth.bitrix.info/oauth/token/"
     chat: str
     application_token: str | None = None
     member_id: str | None = None
@@ -283,8 +314,21 @@ class PortalConfig(BaseModel):
 
     @field_validator("webhook_url")
     @classmethod
-    def _webhook(cls, value: str) -> str:
-        return check_webhook_url(value)
+    def _webhook(cls, value: str | None) -> str | None:
+        return check_webhook_url(value) if value is not None else None
+
+    @field_validator("client_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return check_endpoint_url(value) if value is not None else None
+
+    @field_validator("oauth_server")
+    @classmethod
+    def _oauth_server(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback(parts.hostname or "")):
+            raise ValueError("must be an https URL (plain http only for a loopback sandbox)")
+        return value
 
     @field_validator("chat")
     @classmethod
@@ -292,6 +336,23 @@ class PortalConfig(BaseModel):
         if not CHAT_ID.match(value):
             raise ValueError("must be a chat like chat42 (or sg42, or a user id)")
         return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> PortalConfig:
+        if (self.webhook_url is None) == (self.client_endpoint is None):
+            raise ValueError("give webhook_url, or client_endpoint with client_id, client_secret and "
+                             "refresh_token (an OAuth app), not both")
+        if self.client_endpoint and not (self.client_id and self.client_secret and self.refresh_token):
+            raise ValueError("an OAuth app needs client_id, client_secret and refresh_token")
+        return self
+
+    def app(self) -> OAuthApp | None:
+        """The OAuth app, when the portal is reached as one."""
+        if not self.client_endpoint:
+            return None
+        return OAuthApp(client_endpoint=self.client_endpoint, client_id=self.client_id or "",
+                        client_secret=self.client_secret or "", refresh_token=self.refresh_token or "",
+                        server=self.oauth_server)
 
 
 PORTAL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -339,7 +400,7 @@ def portals_from_file(path: Path) -> dict[str, Portal]:
             name=name, webhook_url=config.webhook_url, chat=config.chat,
             application_token=config.application_token, robot_secret=config.robot_secret,
             language=config.language, plan=config.plan, member_id=config.member_id, domain=config.domain,
-            rules=tuple(rule.model_dump() for rule in config.rules),
+            rules=tuple(rule.model_dump() for rule in config.rules), oauth=config.app(),
         )
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))

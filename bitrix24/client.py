@@ -16,8 +16,10 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from bitrix24.auth import OAuthTokens
 from bitrix24.errors import (
     BAD_ANSWER,
+    EXPIRED_TOKEN,
     OPERATING_LIMITED,
     RATE_LIMITED,
     TRANSPORT_CONNECT,
@@ -113,16 +115,18 @@ def php_query(params: Mapping[str, Any]) -> str:
 class Bitrix24Client:
     """Calls one portal through its incoming-webhook URL."""
 
-    def __init__(self, webhook_url: str, portal: str, http: httpx.Client, gate: Gate | None = None,
-                 observe: Observer | None = None) -> None:
-        parts = urlsplit(webhook_url)
+    def __init__(self, base_url: str, portal: str, http: httpx.Client, gate: Gate | None = None,
+                 observe: Observer | None = None, tokens: OAuthTokens | None = None) -> None:
+        """`base_url`: the incoming-webhook URL, or with `tokens` (an app's OAuth) the portal's client_endpoint."""
+        parts = urlsplit(base_url)
         if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(parts.hostname or "")):
             raise ValueError("Bitrix24 is called over https; plain http only for a loopback sandbox")
-        self.base = webhook_url if webhook_url.endswith("/") else webhook_url + "/"
+        self.base = base_url if base_url.endswith("/") else base_url + "/"
         self.portal = portal
         self.http = http
         self.gate = gate
         self.observe = observe
+        self.tokens = tokens
 
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> Answer:
         """Call one method; raise Bitrix24Error (or Throttled) when it does not succeed."""
@@ -164,12 +168,18 @@ class Bitrix24Client:
         return BatchAnswer(results=dict(results), errors=errors, time=answer.time)
 
     def _send(self, method: str, params: dict[str, Any], methods: Sequence[str]) -> Answer:
+        refreshed = False
         for resend in range(RATE_LIMIT_RESENDS + 1):
             if self.gate:
                 self.gate.before(methods)
+            token = self.tokens.access_token() if self.tokens else None
             try:
-                return self._post(method, params)
+                return self._post(method, {**params, "auth": token} if token else params)
             except Bitrix24Error as err:
+                if err.code == EXPIRED_TOKEN and self.tokens and not refreshed:
+                    self.tokens.refresh(stale=token)  # once, single-flight across every worker
+                    refreshed = True
+                    continue
                 if err.code == RATE_LIMITED and self.gate and resend < RATE_LIMIT_RESENDS:
                     self.gate.rate_limited()
                     continue
@@ -177,7 +187,7 @@ class Bitrix24Client:
                     until = max(self.gate.operating_limited(name, err.reset_at) for name in methods)
                     raise Throttled(until, f"OPERATION_TIME_LIMIT for {method}") from None
                 raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise Bitrix24Error(RATE_LIMITED, "still limited after resending", None, method, retryable=True)
 
     def _post(self, method: str, params: dict[str, Any]) -> Answer:
         started = time.monotonic()

@@ -14,6 +14,7 @@ import httpx
 import redis
 from rq import get_current_job
 
+from bitrix24.auth import OAuthTokens
 from bitrix24.client import Bitrix24Client
 from bitrix24.gate import PortalGate
 from jobs import policy
@@ -46,7 +47,9 @@ class WorkerContext:
         """A client for the portal, passing through the limits shared with every other worker."""
         gate = PortalGate.for_portal(conn, portal, self.settings, max_sleep=policy.MAX_SLEEP,
                                      observe=self.tally.observe)
-        return Bitrix24Client(portal.webhook_url, portal.name, self.http, gate, observe=self.tally.observe)
+        tokens = OAuthTokens(conn, portal.name, portal.oauth, self.http) if portal.oauth else None
+        return Bitrix24Client(portal.base_url, portal.name, self.http, gate, observe=self.tally.observe,
+                              tokens=tokens)
 
 
 _context: WorkerContext | None = None
