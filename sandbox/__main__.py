@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import sys
+from typing import Any
 
 from sandbox.app import create_app
 from sandbox.config import (CANCELLED_STATUSES, DEFAULT_APPLICATION_TOKEN, DEFAULT_DURATIONS,
                             DEFAULT_MEMBER_ID, DEFAULT_OPERATING_LIMIT, DEFAULT_OPERATING_WINDOW,
                             DEFAULT_TOKEN_LIFETIME, LANGUAGES, PLAN_LIMITS, Config)
+from sandbox.faults import FaultBook, FaultError
 from sandbox.server import serve
 
 
@@ -24,6 +28,34 @@ def _duration(text: str) -> tuple[str, float]:
     if not sep or not method:
         raise argparse.ArgumentTypeError("expected METHOD=SECONDS")
     return method, float(seconds)
+
+
+def _fault(text: str) -> dict[str, Any]:
+    """A fault rule from the command line: JSON, or `KIND[,key=value...]` (method, times, rate, seconds)."""
+    if text.lstrip().startswith("{"):
+        try:
+            rule = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    else:
+        kind, *pairs = [part.strip() for part in text.split(",")]
+        rule = {"kind": kind}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or key not in ("method", "times", "rate", "seconds"):
+                raise argparse.ArgumentTypeError(f"expected key=value with key method, times, rate or seconds: {pair!r}")
+            if key == "method":
+                rule[key] = value
+            else:
+                try:
+                    rule[key] = int(value) if key == "times" else float(value)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"`{key}` must be a number") from None
+    try:
+        FaultBook(random.Random()).add(rule)
+    except FaultError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return rule
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -46,6 +78,9 @@ def parse_args(argv: list[str]) -> Config:
     parser.add_argument("--latency", type=float, default=0.0, help="sleep before every /rest answer")
     parser.add_argument("--error-rate", type=_rate, default=0.0, help="share of /rest calls answered 500")
     parser.add_argument("--drop-rate", type=_rate, default=0.0, help="share of /rest calls dropped")
+    parser.add_argument("--fault", type=_fault, action="append", default=[], metavar="RULE",
+                        help="a fault rule in force from the start (and after every reset): "
+                             "KIND[,method=M][,times=N][,rate=F][,seconds=S] or the rule as JSON; repeatable")
     parser.add_argument("--token-lifetime", type=int, default=DEFAULT_TOKEN_LIFETIME)
     parser.add_argument("--application-token", default=DEFAULT_APPLICATION_TOKEN)
     parser.add_argument("--member-id", default=DEFAULT_MEMBER_ID)
@@ -60,7 +95,8 @@ def parse_args(argv: list[str]) -> Config:
         burst=args.burst if args.burst is not None else burst,
         operating_limit=args.operating_limit, operating_window=args.operating_window, seed=args.seed,
         durations=durations, cancelled_status=args.cancelled_status, latency=args.latency,
-        error_rate=args.error_rate, drop_rate=args.drop_rate, token_lifetime=args.token_lifetime,
+        error_rate=args.error_rate, drop_rate=args.drop_rate, faults=args.fault,
+        token_lifetime=args.token_lifetime,
         application_token=args.application_token, member_id=args.member_id,
     )
 

@@ -44,11 +44,14 @@ PORTAL_TZ = timezone(timedelta(hours=3))
 DEFAULT_DURATIONS: dict[str, float] = {
     "catalog.document.cancel": 0.3,
     "catalog.document.conduct": 0.3,
+    "catalog.document.unconfirm": 0.3,
+    "catalog.document.confirm": 0.3,
     "catalog.document.cancelList": 0.6,
     "catalog.document.conductList": 0.6,
     "catalog.document.add": 0.15,
     "catalog.document.list": 0.05,
     "catalog.document.getFields": 0.02,
+    "catalog.document.fields": 0.02,
     "catalog.document.mode.status": 0.01,
     "im.message.add": 0.05,
     "im.dialog.messages.get": 0.03,
@@ -83,6 +86,8 @@ class Config:
     latency: float = 0.0
     error_rate: float = 0.0
     drop_rate: float = 0.0
+    # Fault rules (as POST /_sandbox/faults takes them) added at start and at every reset.
+    faults: list[dict[str, Any]] = field(default_factory=list)
     token_lifetime: int = DEFAULT_TOKEN_LIFETIME
     application_token: str = DEFAULT_APPLICATION_TOKEN
     member_id: str = DEFAULT_MEMBER_ID

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -114,6 +115,27 @@ def put_documents() -> Response:
 
 # -- chat, CRM, sale -------------------------------------------------------------------------
 
+_UPPER_SNAKE = re.compile(r"[A-Z][A-Z0-9_]*")
+_CRM_USER_FIELD = re.compile(r"UF_CRM_(?:(\d+)_)?(.+)")
+
+
+def _camel(name: str) -> str:
+    """An UPPER_SNAKE field name as crm.item.* / sale.* print it; other names are kept as given.
+
+    STAGE_ID -> stageId; user fields keep crm's shape: UF_CRM_123 -> ufCrm_123, UF_CRM_5_123 -> ufCrm5_123.
+    """
+    if not _UPPER_SNAKE.fullmatch(name):
+        return name
+    user_field = _CRM_USER_FIELD.fullmatch(name)
+    if user_field:
+        return f"ufCrm{user_field.group(1) or ''}_{user_field.group(2)}"
+    first, *rest = name.lower().split("_")
+    return first + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _camel_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    return {_camel(str(k)): v for k, v in fields.items()}
+
 @bp.get("/messages")
 def list_messages() -> Response:
     """Every message posted, oldest first."""
@@ -147,7 +169,7 @@ def put_chat() -> Response:
 
 @bp.post("/crm/items")
 def put_crm_item() -> Response:
-    """Create or replace a CRM item: `{"entityTypeId": 2, "id": 12, "fields": {...}}`."""
+    """Create or replace a CRM item: `{"entityTypeId": 2, "id": 12, "fields": {...}}` (UPPER_SNAKE keys become camelCase)."""
     data = _body()
     try:
         key = (int(data["entityTypeId"]), int(data["id"]))
@@ -157,14 +179,16 @@ def put_crm_item() -> Response:
     if not isinstance(fields, dict):
         raise BadRequest("`fields` must be an object")
     portal = _portal()
+    fields = _camel_fields(fields)
+    fields.pop("id", None)
     with portal.lock:
-        portal.crm_items[key] = dict(fields)
+        portal.crm_items[key] = fields
         return json_response({"entityTypeId": key[0], "item": {"id": key[1], **fields}})
 
 
 @bp.post("/sale/shipments")
 def put_shipment() -> Response:
-    """Create or replace a shipment: `{"id": 7, "fields": {...}}`."""
+    """Create or replace a shipment: `{"id": 7, "fields": {...}}` (UPPER_SNAKE keys become camelCase)."""
     data = _body()
     try:
         shipment_id = int(data["id"])
@@ -174,8 +198,10 @@ def put_shipment() -> Response:
     if not isinstance(fields, dict):
         raise BadRequest("`fields` must be an object")
     portal = _portal()
+    fields = _camel_fields(fields)
+    fields.pop("id", None)
     with portal.lock:
-        portal.shipments[shipment_id] = dict(fields)
+        portal.shipments[shipment_id] = fields
         return json_response({"shipment": {"id": shipment_id, **fields}})
 
 

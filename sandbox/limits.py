@@ -74,9 +74,13 @@ class OperatingBudget:
         """Whether the method is over its budget, so the next call must be refused."""
         return self.total(identity, method, now) > self.limit
 
-    def record(self, identity: str, method: str, seconds: float, now: float) -> None:
-        """Add a call's duration; calls not longer than 0.1 s are not recorded."""
-        if seconds <= MIN_RECORDED_SECONDS:
+    def record(self, identity: str, method: str, seconds: float, now: float, force: bool = False) -> None:
+        """Add a call's duration; calls not longer than 0.1 s are not recorded unless `force`d.
+
+        `force` is for the end of a batch: the core sums one request's calls of a method and records
+        the sum when it passes 0.1 s, so many short calls in one batch do count.
+        """
+        if seconds <= 0 or (seconds <= MIN_RECORDED_SECONDS and not force):
             return
         buckets = self._buckets.setdefault((identity, method), {})
         index = math.floor(now / self.bucket_size)

@@ -7,6 +7,7 @@ answer. Methods run with the portal lock held, so they may read and change the s
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,27 @@ def find_method(name: str) -> MethodSpec | None:
     return REGISTRY.get(name.lower())
 
 
+# `catalog.document.<action>` is routed to the core's Document controller: an action it does not
+# have (there is no `get`) is the engine's SystemException, code 22002 (Controller::EXCEPTION_UNKNOWN_ACTION).
+DOCUMENT_CONTROLLER_PREFIX = "catalog.document."
+DOCUMENT_CONTROLLER_CLASS = "Bitrix\\Catalog\\Controller\\Document"
+UNKNOWN_ACTION_CODE = "22002"
+# Actions the real controller has but the sandbox does not emulate: these stay "method not found".
+NOT_EMULATED_DOCUMENT_ACTIONS = frozenset({"update", "delete", "deletelist"})
+
+
+def unknown_controller_action(name: str) -> RestError | None:
+    """The error a real portal gives for `catalog.document.<unknown action>`, else None."""
+    lower = name.lower()
+    if not lower.startswith(DOCUMENT_CONTROLLER_PREFIX):
+        return None
+    action = lower[len(DOCUMENT_CONTROLLER_PREFIX):]
+    if not action or "." in action or action in NOT_EMULATED_DOCUMENT_ACTIONS:
+        return None
+    return RestError(UNKNOWN_ACTION_CODE,
+                     f"Could not find description of {action} in {DOCUMENT_CONTROLLER_CLASS}")
+
+
 # -- parameters ------------------------------------------------------------------------------
 
 def _missing(name: str) -> RestError:
@@ -146,25 +168,26 @@ def _business(message_id: str, ctx: CallContext, **values: str) -> RestError:
 
 # -- inventory documents ---------------------------------------------------------------------
 
-# Field: (type, isRequired, isReadOnly, isImmutable), as catalog.document.getFields describes them.
+# Field: (type, isRequired, isReadOnly, isImmutable), in the order and with the attributes of the
+# core's REST view of a document (`Bitrix\Catalog\RestView\Document::getFields`).
 DOCUMENT_FIELDS: dict[str, tuple[str, bool, bool, bool]] = {
     "id": ("integer", False, True, False),
     "docType": ("char", True, False, True),
-    "docNumber": ("string", False, False, False),
-    "title": ("string", False, False, False),
     "siteId": ("char", False, False, False),
     "responsibleId": ("integer", True, False, False),
-    "createdBy": ("integer", False, False, False),
+    "dateModify": ("datetime", False, False, False),
+    "dateCreate": ("datetime", False, False, True),
+    "createdBy": ("integer", False, False, True),
     "modifiedBy": ("integer", False, False, False),
-    "statusBy": ("integer", False, True, False),
+    "currency": ("char", True, False, True),
     "status": ("char", False, True, False),
     "dateStatus": ("datetime", False, True, False),
-    "dateCreate": ("datetime", False, False, False),
-    "dateModify": ("datetime", False, False, False),
     "dateDocument": ("datetime", False, False, False),
-    "currency": ("char", True, False, True),
+    "statusBy": ("integer", False, False, False),
     "total": ("double", False, False, False),
-    "commentary": ("string", False, False, False),
+    "commentary": ("char", False, False, False),
+    "title": ("string", False, False, False),
+    "docNumber": ("string", False, False, False),
 }
 # Fields `catalog.document.add` accepts from the caller; the rest are set by the portal.
 WRITABLE_FIELDS = ("docNumber", "title", "siteId", "responsibleId", "createdBy", "modifiedBy",
@@ -172,6 +195,22 @@ WRITABLE_FIELDS = ("docNumber", "title", "siteId", "responsibleId", "createdBy",
 
 # Filter prefixes, longest first so that "!=%" is not read as "!" + "=%".
 FILTER_OPERATORS = ("!=%", "=%", "!%", "!@", "!=", ">=", "<=", "=", "!", ">", "<", "@", "%")
+
+# The REST view matches a name only after turning it into UPPER_SNAKE the way the core does
+# (`camel2snake`, then upper case): `docType` -> DOC_TYPE, but `ID` -> I_D and `DOC_TYPE` -> D_O_C__T_Y_P_E.
+_CAMEL_BOUNDARY = re.compile(r"(.)([A-Z])")
+
+
+def _upper_snake(name: str) -> str:
+    return _CAMEL_BOUNDARY.sub(r"\1_\2", name).upper()
+
+
+_FIELD_BY_SNAKE = {_upper_snake(name): name for name in DOCUMENT_FIELDS}
+
+
+def rest_field(name: str) -> str | None:
+    """The document field a REST name refers to, or None: the core silently drops unknown names."""
+    return _FIELD_BY_SNAKE.get(_upper_snake(name))
 
 
 def _check_inventory(ctx: CallContext, plan_message: str, disabled_message: str) -> None:
@@ -201,9 +240,48 @@ def _set_status(ctx: CallContext, document: dict[str, Any], status: str) -> None
     document["modifiedBy"] = ctx.user_id
 
 
-def _unknown_field(name: str) -> RestError:
-    # What the ORM says about a field it does not know (the sandbox's wording of it).
-    return RestError("0", f"Unknown field definition `{name}` for Catalog StoreDocument Entity.")
+# The REST view leaves a filter condition out when its value cannot be converted to the field's type.
+_DROPPED = object()
+
+
+def php_int(value: Any) -> int:
+    """PHP's `(int)` of a scalar: a string's leading integer (0 when it has none), null as 0."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) else 0
+    if isinstance(value, str):
+        match = _LEADING_INT.match(value)
+        return int(match.group(1)) if match else 0
+    return 0
+
+
+def _php_float(value: Any) -> float:
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    if isinstance(value, str):
+        match = _LEADING_FLOAT.match(value)
+        return float(match.group(1)) if match else 0.0
+    return 0.0
+
+
+_LEADING_INT = re.compile(r"\s*([+-]?\d+)")
+_LEADING_FLOAT = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)")
+
+
+def php_empty(value: Any) -> bool:
+    """PHP's empty(): null, false, 0, 0.0, "", "0" and empty arrays."""
+    if value is None or value is False:
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value == 0
+    if isinstance(value, str):
+        return value in ("", "0")
+    if isinstance(value, (list, dict)):
+        return not value
+    return False
 
 
 def _parse_datetime(value: Any) -> datetime | None:
@@ -221,19 +299,49 @@ def _parse_datetime(value: Any) -> datetime | None:
     return None
 
 
-def _coerce(field: str, value: Any) -> Any:
-    """A filter value converted to the field's type, or None if it cannot be."""
+def _stored(field: str, value: Any) -> Any:
+    """A stored document value in the field's type, for comparing and sorting (None if absent)."""
+    if value is None:
+        return None
     kind = DOCUMENT_FIELDS[field][0]
     if kind == "integer":
-        return _as_int(value)
+        return php_int(value)
     if kind == "double":
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return None
+        return _php_float(value)
     if kind == "datetime":
         return _parse_datetime(value)
-    return None if value is None else str(value)
+    return str(value)
+
+
+def _internalize_scalar(kind: str, value: Any) -> Any:
+    if kind == "integer":
+        return php_int(value)
+    if kind == "double":
+        return _php_float(value)
+    if kind == "datetime":
+        moment = _parse_datetime(value)
+        return _DROPPED if moment is None else moment
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "1" if value else ""
+    return str(value)
+
+
+def _internalize(field: str, value: Any) -> Any:
+    """A filter value converted as the REST view converts it, or _DROPPED if the view drops it.
+
+    Arrays keep their IN meaning (the reference documents `"@id": [..]`; see the README on this).
+    """
+    kind = DOCUMENT_FIELDS[field][0]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        if kind == "datetime":
+            return _DROPPED  # strtotime() of an array fails
+        converted = [_internalize_scalar(kind, v) for v in value]
+        return converted
+    return _internalize_scalar(kind, value)
 
 
 def _like(pattern: str) -> re.Pattern[str]:
@@ -242,30 +350,35 @@ def _like(pattern: str) -> re.Pattern[str]:
     return re.compile(f"^{body}$", re.IGNORECASE | re.DOTALL)
 
 
-def _condition(key: str, raw: Any) -> Callable[[dict[str, Any]], bool]:
-    operator = next((op for op in FILTER_OPERATORS if key.startswith(op)), "")
-    field = key[len(operator):]
-    if field not in DOCUMENT_FIELDS:
-        raise _unknown_field(field)
-    values = raw if isinstance(raw, list) else list(raw.values()) if isinstance(raw, dict) else [raw]
-    wanted = [_coerce(field, v) for v in values]
+def _condition(key: str, raw: Any) -> Callable[[dict[str, Any]], bool] | None:
+    """One filter condition, or None when the REST view drops it (unknown field, unconvertible value)."""
+    snake = _upper_snake(key)
+    operator = next((op for op in FILTER_OPERATORS if snake.startswith(op)), "")
+    field = _FIELD_BY_SNAKE.get(snake[len(operator):])
+    if field is None:
+        return None
+    converted = _internalize(field, raw)
+    if converted is _DROPPED:
+        return None
+    wanted = converted if isinstance(converted, list) else [converted]
 
     def current(doc: dict[str, Any]) -> Any:
-        return _coerce(field, doc.get(field))
+        return _stored(field, doc.get(field))
 
     if operator in ("", "=", "@"):
         return lambda doc: current(doc) is not None and current(doc) in wanted
     if operator in ("!", "!=", "!@"):
         return lambda doc: current(doc) not in wanted
+    texts = ["" if v is None else v.isoformat() if isinstance(v, datetime) else str(v) for v in wanted]
     if operator in ("%", "!%"):
-        needles = [str(v).lower() for v in values]
+        needles = [t.lower() for t in texts]
         hit = lambda doc: any(n in str(doc.get(field) or "").lower() for n in needles)  # noqa: E731
         return hit if operator == "%" else (lambda doc: not hit(doc))
     if operator in ("=%", "!=%"):
-        patterns = [_like(str(v)) for v in values]
+        patterns = [_like(t) for t in texts]
         hit = lambda doc: any(p.match(str(doc.get(field) or "")) for p in patterns)  # noqa: E731
         return hit if operator == "=%" else (lambda doc: not hit(doc))
-    bound = wanted[0]
+    bound = wanted[0] if wanted else None
     compare = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
                "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}[operator]
 
@@ -282,7 +395,7 @@ def _condition(key: str, raw: Any) -> Callable[[dict[str, Any]], bool]:
 
 def _sort_key(field: str) -> Callable[[dict[str, Any]], tuple[int, Any]]:
     def key(doc: dict[str, Any]) -> tuple[int, Any]:
-        value = _coerce(field, doc.get(field))
+        value = _stored(field, doc.get(field))
         return (0, "") if value is None else (1, value)
     return key
 
@@ -297,43 +410,66 @@ def _names(value: Any) -> list[str]:
     return []
 
 
+def _printed(name: str, value: Any) -> Any:
+    if php_empty(value):
+        return None  # the REST view prints every PHP-empty value (0, 0.0, "", "0") as null
+    kind = DOCUMENT_FIELDS[name][0]
+    if kind == "integer":
+        return php_int(value)
+    if kind == "double":
+        return _php_float(value)
+    return value
+
+
+def externalize(document: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A document as REST prints it: the named fields in their types, empty values as null."""
+    return {name: _printed(name, document.get(name)) for name in names}
+
+
 @method("catalog.document.list", "catalog")
 def document_list(ctx: CallContext, params: dict[str, Any]) -> Page:
-    """Visible documents of REST types, filtered, ordered and paged by 50."""
-    select = _names(params.get("select"))
-    if not select or "*" in select:
+    """Visible documents of REST types, filtered, ordered and paged by 50.
+
+    As the core's REST view does, names it does not know in select, filter and order are left out
+    without an error (a mistyped filter key filters nothing), and so are filter values it cannot
+    convert (an unparsable date).
+    """
+    names = _names(params.get("select"))
+    if "*" in names:
+        names = []
+    select = [field for field in dict.fromkeys(rest_field(n) for n in names) if field is not None]
+    if not select:
         select = list(DOCUMENT_FIELDS)
-    for name in select:
-        if name not in DOCUMENT_FIELDS:
-            raise _unknown_field(name)
     raw_filter = params.get("filter") or {}
     if not isinstance(raw_filter, dict):
         raw_filter = {}
-    conditions = [_condition(str(k), v) for k, v in raw_filter.items()]
-    raw_order = params.get("order") or {"id": "ASC"}
+    conditions = [check for check in (_condition(str(k), v) for k, v in raw_filter.items()) if check]
+    raw_order = params.get("order") or {}
     if not isinstance(raw_order, dict):
-        raw_order = {"id": "ASC"}
-    for name in raw_order:
-        if name not in DOCUMENT_FIELDS:
-            raise _unknown_field(name)
+        raw_order = {}
+    order = [(field, str(direction).upper() == "DESC") for field, direction in
+             ((rest_field(str(k)), v) for k, v in raw_order.items()) if field is not None]
     hidden = ctx.portal.permissions.hidden_document_ids
-    rows = [doc for doc_id, doc in ctx.portal.documents.items()
+    rows = [doc for doc_id, doc in sorted(ctx.portal.documents.items())
             if doc_id not in hidden and doc.get("docType") in REST_DOC_TYPES
             and all(check(doc) for check in conditions)]
-    for name, direction in reversed(list(raw_order.items())):
-        rows.sort(key=_sort_key(name), reverse=str(direction).upper() == "DESC")
-    start = _as_int(params.get("start")) or 0
+    for field, descending in reversed(order):
+        rows.sort(key=_sort_key(field), reverse=descending)
+    # RestManager turns `start` into a page number (start / 50 + 1), so the offset is always a
+    # multiple of 50: start=75 reads from the 51st record. -1 leaves out the count (no total/next).
+    start = php_int(params.get("start"))
     count_total = start != -1
-    start = max(start, 0)
-    page = rows[start:start + PAGE_SIZE]
-    documents = [{name: doc.get(name) for name in select} for doc in page]
+    offset = (start // PAGE_SIZE) * PAGE_SIZE if start > 0 else 0
+    page = rows[offset:offset + PAGE_SIZE]
+    documents = [externalize(doc, select) for doc in page]
     if not count_total:
         return Page({"documents": documents}, None, None)
-    following = start + PAGE_SIZE if start + PAGE_SIZE < len(rows) else None
+    following = offset + len(page) if offset + len(page) < len(rows) else None
     return Page({"documents": documents}, len(rows), following)
 
 
 @method("catalog.document.cancel", "catalog")
+@method("catalog.document.unconfirm", "catalog")  # deprecated name; the core's cancel runs this one
 def document_cancel(ctx: CallContext, params: dict[str, Any]) -> bool:
     """Cancel the conduct of one document: only from status Y."""
     doc_id = int_param(params, "id")
@@ -349,6 +485,7 @@ def document_cancel(ctx: CallContext, params: dict[str, Any]) -> bool:
 
 
 @method("catalog.document.conduct", "catalog")
+@method("catalog.document.confirm", "catalog")  # deprecated name; the core's conduct runs this one
 def document_conduct(ctx: CallContext, params: dict[str, Any]) -> bool:
     """Conduct one document (status becomes Y)."""
     doc_id = int_param(params, "id")
@@ -370,14 +507,17 @@ def _run_list(ctx: CallContext, params: dict[str, Any], cancel: bool) -> bool:
     _check_warehouse(ctx)
     prefix = "LIST_CANCEL" if cancel else "LIST_CONDUCT"
     errors: list[RestError] = []
+    hidden = ctx.portal.permissions.hidden_document_ids
     for raw_id in doc_ids:
         doc_id = _as_int(raw_id)
-        document = ctx.portal.visible_document(doc_id) if doc_id is not None else None
+        # The core reads the documents without the access filter, so a document the user may not
+        # see is found, and then refused by the rights check, with its title.
+        document = ctx.portal.documents.get(doc_id) if doc_id is not None else None
         if document is None:
             errors.append(_business(f"{prefix}_NOT_FOUND", ctx))
             continue
         title = document_title(document, ctx.language)
-        if not _may_conduct(ctx, document):
+        if doc_id in hidden or not _may_conduct(ctx, document):
             errors.append(_business(f"{prefix}_NO_RIGHTS", ctx, title=title))
         elif cancel and document["status"] != "Y":
             errors.append(_business("LIST_CANCEL_NOT_CONDUCTED", ctx, title=title))
@@ -402,39 +542,73 @@ def document_conduct_list(ctx: CallContext, params: dict[str, Any]) -> bool:
     return _run_list(ctx, params, cancel=False)
 
 
+def _internalize_add(fields: dict[str, Any]) -> dict[str, Any]:
+    """The caller's fields as the REST view keeps them: known, writable, converted to their types."""
+    kept: dict[str, Any] = {}
+    for key, value in fields.items():
+        name = rest_field(str(key))
+        if name is None or name not in WRITABLE_FIELDS:
+            continue
+        kind = DOCUMENT_FIELDS[name][0]
+        if kind == "datetime":
+            moment = _parse_datetime(value)
+            if moment is None:
+                continue
+            value = moment.isoformat()
+        elif kind in ("integer", "double"):
+            value = _internalize_scalar(kind, value)
+        kept[name] = value
+    return kept
+
+
 @method("catalog.document.add", "catalog")
 def document_add(ctx: CallContext, params: dict[str, Any]) -> dict[str, Any]:
-    """Create a draft document (status N); an empty docNumber is generated."""
+    """Create a draft document (status N); an empty docNumber is generated.
+
+    docType, responsibleId and currency are required, as the REST view checks them before the
+    action runs ("Required fields: ..."); only then is the type checked ("DOC_TYPE isn't available").
+    """
     fields = params.get("fields")
     if fields is None or fields == "":
         raise _missing("fields")
     if not isinstance(fields, dict):
         raise _invalid("fields", fields, "array")
-    if fields.get("docType") not in REST_DOC_TYPES:
-        raise RestError("0", "DOC_TYPE isn't available")
     if not ctx.portal.permissions.plan_has_inventory:
         raise _business("PLAN_RESTRICTED", ctx)
+    given = {rest_field(str(k)) for k, v in fields.items() if v is not None}
+    missing = [name for name, (_, required, read_only, _) in DOCUMENT_FIELDS.items()
+               if required and not read_only and name not in given]
+    if missing:
+        raise RestError("0", "Required fields: " + ", ".join(missing))
+    doc_type = next(v for k, v in fields.items() if rest_field(str(k)) == "docType")
+    if doc_type not in REST_DOC_TYPES:
+        raise RestError("0", "DOC_TYPE isn't available")
     doc_id = ctx.portal.next_document_id()
     now = datetime.fromtimestamp(ctx.now, PORTAL_TZ)
-    document = new_document(doc_id, fields["docType"], "N", "", now)
-    for name in WRITABLE_FIELDS:
-        if name in fields:
-            value = fields[name]
-            kind = DOCUMENT_FIELDS[name][0]
-            document[name] = (_as_int(value) if kind == "integer" else
-                              float(value) if kind == "double" and value not in (None, "") else value)
+    document = new_document(doc_id, doc_type, "N", "", now)
+    document["total"] = 0.0
+    document.update({"createdBy": ctx.user_id, "modifiedBy": ctx.user_id})
+    document.update(_internalize_add(fields))  # the webhook user is an admin: createdBy/modifiedBy may be set
     document["docNumber"] = document["docNumber"] or document_number(doc_id)
-    document["createdBy"] = document["modifiedBy"] = ctx.user_id
     ctx.portal.documents[doc_id] = document
-    return {"document": dict(document)}
+    return {"document": externalize(document, list(DOCUMENT_FIELDS))}
+
+
+def _field_descriptions() -> dict[str, Any]:
+    return {name: {"type": kind, "isRequired": required, "isReadOnly": read_only, "isImmutable": immutable}
+            for name, (kind, required, read_only, immutable) in DOCUMENT_FIELDS.items()}
 
 
 @method("catalog.document.getFields", "catalog")
 def document_get_fields(ctx: CallContext, params: dict[str, Any]) -> dict[str, Any]:
     """The field descriptions of an inventory document."""
-    return {"document": {name: {"type": kind, "isRequired": required, "isReadOnly": read_only,
-                                "isImmutable": immutable}
-                         for name, (kind, required, read_only, immutable) in DOCUMENT_FIELDS.items()}}
+    return {"document": _field_descriptions()}
+
+
+@method("catalog.document.fields", "catalog")
+def document_fields_deprecated(ctx: CallContext, params: dict[str, Any]) -> list[Any]:
+    """Deprecated `fields`: the same descriptions, as a one-element list (the core's fieldsAction)."""
+    return [_field_descriptions()]
 
 
 @method("catalog.document.mode.status", "catalog")

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 REFRESH_TOKEN_LIFETIME = 180 * 24 * 3600
 # Application status in token answers: "L" = local application.
 APP_STATUS = "L"
+# A refresh answer comes from the OAuth server, and its `domain` is that server's, not the portal's
+# (the docs: `domain` = oauth.bitrix.info); the portal's address is `client_endpoint`.
+OAUTH_SERVER_DOMAIN = "oauth.bitrix.info"
 
 bp = Blueprint("oauth", __name__)
 
@@ -106,4 +109,6 @@ def refresh_token() -> Response:
             return _oauth_error("invalid_grant", "Invalid grant", 400)
         lifetime = portal.config.token_lifetime
         access, refresh = portal.tokens.issue(lifetime, now)
-        return json_response(token_answer(portal, access, refresh, lifetime, now))
+        answer = token_answer(portal, access, refresh, lifetime, now)
+        answer["domain"] = OAUTH_SERVER_DOMAIN
+        return json_response(answer)

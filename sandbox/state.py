@@ -202,6 +202,8 @@ class Portal:
                 self.faults.add({"kind": "error500", "rate": self.config.error_rate})
             if self.config.drop_rate > 0:
                 self.faults.add({"kind": "drop", "rate": self.config.drop_rate})
+            for rule in self.config.faults:
+                self.faults.add(dict(rule))
             self.limiter = LeakyBucket(self.config.rate, self.config.burst, time.monotonic())
             self.operating = OperatingBudget(self.config.operating_limit, self.config.operating_window)
             self.tokens = TokenStore()

@@ -104,6 +104,21 @@ def test_form_encoded_get_and_json_suffix_work(b24: Portal) -> None:
     assert b24.document(5)["status"] == "C"
 
 
+def test_form_encoded_php_keys_for_lists_and_batch(b24: Portal) -> None:
+    answer = b24.http.post(b24.webhook + "catalog.document.cancelList.json",
+                           data={"documentIds[]": ["1", "2"]})
+    assert answer.status_code == 200 and answer.json()["result"] is True
+    assert [b24.document(i)["status"] for i in (1, 2, 3)] == ["C", "C", "Y"]
+    listed = b24.http.get(b24.webhook + "catalog.document.list",
+                          params={"filter[id]": "5", "select[]": "status"}).json()["result"]
+    assert listed["documents"] == [{"status": "Y"}]
+    batch = b24.http.post(b24.webhook + "batch", data={
+        "halt": "0", "cmd[find]": "catalog.document.list?filter[%3DdocNumber]=DOC-0004&select[]=id",
+        "cmd[cancel]": "catalog.document.cancel?id=$result[find][documents][0][id]"}).json()["result"]
+    assert batch["result"] == {"find": {"documents": [{"id": 4}]}, "cancel": True}
+    assert b24.document(4)["status"] == "C"
+
+
 # -- catalog.document.list ---------------------------------------------------------------------
 
 def test_list_defaults_to_all_fields_in_id_order(b24: Portal) -> None:
@@ -165,11 +180,48 @@ def test_list_never_returns_hidden_or_non_rest_documents(b24: Portal) -> None:
     assert b24.ok("catalog.document.list", {"filter": {"id": 2}})["documents"] == []
 
 
-def test_list_refuses_unknown_fields(b24: Portal) -> None:
-    answer = b24.call("catalog.document.list", {"filter": {"ID": 1}})
-    assert_error(answer, 400, "0")
-    assert "ID" in answer.json()["error_description"]
-    assert_error(b24.call("catalog.document.list", {"select": ["id", "nope"]}), 400, "0")
+def test_list_ignores_what_the_rest_view_does_not_know(b24: Portal) -> None:
+    # The core's REST view drops unknown names and unconvertible filter values without an error:
+    # a mistyped filter key filters nothing, so the whole (visible) list comes back.
+    everything = b24.call("catalog.document.list", {"select": ["id"]}).json()
+    assert everything["total"] == 20
+    for flt in ({"ID": 1}, {"DOC_TYPE": "R"}, {"docNumbr": "DOC-0001"}, {">=dateCreate": "not a date"},
+                {"LOGIC": "OR", "0": {"id": 1}}):
+        answer = b24.call("catalog.document.list", {"filter": flt, "select": ["id"]})
+        assert answer.status_code == 200, (flt, answer.text)
+        assert answer.json()["total"] == 20, flt
+    # Names are matched after camelCase -> UPPER_SNAKE, as the core converts them.
+    assert [d["id"] for d in b24.ok("catalog.document.list", {"filter": {"Id": 3}})["documents"]] == [3]
+    picked = b24.ok("catalog.document.list", {"filter": {"id": 3}, "select": ["id", "nope", "DOC_NUMBER", "docNumber"]})
+    assert picked["documents"] == [{"id": 3, "docNumber": "DOC-0003"}]
+    only_unknown = b24.ok("catalog.document.list", {"filter": {"id": 3}, "select": ["nope"]})["documents"][0]
+    assert len(only_unknown) == 17  # nothing known selected: every field
+    ordered = b24.ok("catalog.document.list", {"order": {"nope": "DESC"}, "select": ["id"]})["documents"]
+    assert [d["id"] for d in ordered] == list(range(1, 21))
+    # Integer filter values are cast as PHP's (int) does: "3abc" is 3, "abc" is 0.
+    assert [d["id"] for d in b24.ok("catalog.document.list", {"filter": {"id": "3abc"}})["documents"]] == [3]
+    assert b24.ok("catalog.document.list", {"filter": {"id": "abc"}})["documents"] == []
+
+
+def test_list_prints_empty_values_as_null(b24: Portal) -> None:
+    b24.control("POST", "documents", {"documents": [{"id": 3, "docType": "A", "title": "", "total": 0,
+                                                     "commentary": "", "docNumber": "0"}]})
+    document = b24.ok("catalog.document.list", {"filter": {"id": 3}})["documents"][0]
+    assert (document["title"], document["total"], document["commentary"], document["docNumber"]) == (
+        None, None, None, None)
+    assert document["status"] == "Y" and document["id"] == 3
+
+
+def test_list_start_snaps_to_a_page_boundary(b24: Portal) -> None:
+    # RestManager turns start into a page number (start / 50 + 1): start=75 reads from record 51.
+    b24.control("POST", "reset", {"documents": 120})
+    answer = b24.call("catalog.document.list", {"select": ["id"], "start": 75}).json()
+    assert [d["id"] for d in answer["result"]["documents"]][:2] == [51, 52]
+    assert answer["next"] == 100 and answer["total"] == 120
+    answer = b24.call("catalog.document.list", {"select": ["id"], "start": 49}).json()
+    assert answer["result"]["documents"][0]["id"] == 1 and answer["next"] == 50
+    answer = b24.http.get(b24.webhook + "catalog.document.list", params={"select[]": "id", "start": "110"}).json()
+    assert [d["id"] for d in answer["result"]["documents"]] == list(range(101, 121)) and "next" not in answer
 
 
 # -- cancel, conduct and their refusals --------------------------------------------------------
@@ -278,12 +330,73 @@ def test_add_get_fields_and_mode_status(b24: Portal) -> None:
     document = added["document"]
     assert document["id"] == 21 and document["status"] == "N" and document["docNumber"] == "DOC-0021"
     assert document["responsibleId"] == 2
-    assert_error(b24.call("catalog.document.add", {"fields": {"docType": "U"}}), 400, "0",
+    assert_error(b24.call("catalog.document.add", {"fields": {"docType": "U", "currency": "RUB",
+                                                               "responsibleId": 1}}), 400, "0",
                  "DOC_TYPE isn't available")
     fields = b24.ok("catalog.document.getFields")["document"]
     assert fields["status"] == {"type": "char", "isRequired": False, "isReadOnly": True, "isImmutable": False}
     assert fields["docType"]["isRequired"] and fields["docType"]["isImmutable"]
     assert b24.ok("catalog.document.mode.status") == "Y"
+
+
+def test_add_checks_required_fields_first(b24: Portal) -> None:
+    # The REST view checks required fields before the action: "Required fields: ..." in field order.
+    assert_error(b24.call("catalog.document.add", {"fields": {"title": "x"}}), 400, "0",
+                 "Required fields: docType, responsibleId, currency")
+    assert_error(b24.call("catalog.document.add", {"fields": {"docType": "U"}}), 400, "0",
+                 "Required fields: responsibleId, currency")
+    assert_error(b24.call("catalog.document.add", {"fields": {"DOC_TYPE": "A", "CURRENCY": "RUB",
+                                                              "RESPONSIBLE_ID": 1}}), 400, "0",
+                 "Required fields: docType, responsibleId, currency")  # keys are matched as camelCase
+    assert_error(b24.call("catalog.document.add", {"fields": {"docType": "A", "currency": None,
+                                                              "responsibleId": 1}}), 400, "0",
+                 "Required fields: currency")
+    assert len(b24.control("GET", "documents")) == 20
+    added = b24.ok("catalog.document.add", {"fields": {"docType": "A", "currency": "RUB", "responsibleId": "2",
+                                                       "status": "Y", "id": 99, "nope": 1}})["document"]
+    assert (added["id"], added["status"], added["responsibleId"]) == (21, "N", 2)
+    assert added["title"] is None and added["total"] is None  # empty values print as null
+
+
+def test_document_controller_actions(b24: Portal) -> None:
+    # No `get` in Bitrix\Catalog\Controller\Document: the engine's "unknown action" error.
+    assert_error(b24.call("catalog.document.get", {"id": 1}), 400, "22002",
+                 "Could not find description of get in Bitrix\\Catalog\\Controller\\Document")
+    # The deprecated names still work and run the same code as cancel / conduct / getFields.
+    assert b24.ok("catalog.document.unconfirm", {"id": 1}) is True
+    assert b24.document(1)["status"] == "C"
+    assert_error(b24.call("catalog.document.unconfirm", {"id": 1}), 400, "0",
+                 "Error cancelling document conduct: Document has not been conducted yet")
+    assert b24.ok("catalog.document.confirm", {"id": 1}) is True
+    assert b24.document(1)["status"] == "Y"
+    fields = b24.ok("catalog.document.fields")
+    assert isinstance(fields, list) and fields[0] == b24.ok("catalog.document.getFields")["document"]
+    assert b24.control("GET", "calls?method=catalog.document.unconfirm")[0]["method"] == "catalog.document.unconfirm"
+
+
+def test_get_fields_follow_the_core_view(b24: Portal) -> None:
+    fields = b24.ok("catalog.document.getFields")["document"]
+    assert list(fields) == ["id", "docType", "siteId", "responsibleId", "dateModify", "dateCreate", "createdBy",
+                            "modifiedBy", "currency", "status", "dateStatus", "dateDocument", "statusBy",
+                            "total", "commentary", "title", "docNumber"]
+    required = {name for name, info in fields.items() if info["isRequired"]}
+    read_only = {name for name, info in fields.items() if info["isReadOnly"]}
+    immutable = {name for name, info in fields.items() if info["isImmutable"]}
+    assert required == {"docType", "responsibleId", "currency"}
+    assert read_only == {"id", "status", "dateStatus"}
+    assert immutable == {"docType", "dateCreate", "createdBy", "currency"}
+    assert fields["total"]["type"] == "double" and fields["commentary"]["type"] == "char"
+
+
+def test_cancel_list_refuses_an_invisible_document_by_title(b24: Portal) -> None:
+    # cancelList reads the documents without the access filter: an invisible one is found, then
+    # refused by the rights check with its title (not "Document not found").
+    b24.control("POST", "permissions", {"hidden_document_ids": [4]})
+    title = b24.document(4)["title"]
+    assert_error(b24.call("catalog.document.cancelList", {"documentIds": [4, 5]}), 400, "0",
+                 f'An error occurred while canceling the document "{title}": '
+                 "Insufficient permissions to save the document")
+    assert b24.document(4)["status"] == "Y" and b24.document(5)["status"] == "C"
 
 
 # -- chat ------------------------------------------------------------------------------------
@@ -339,14 +452,26 @@ def test_crm_item_and_shipment(b24: Portal) -> None:
     assert_error(b24.call("sale.shipment.get", {"id": 8}), 400, "201140400001", "shipment is not exists")
 
 
+def test_crm_item_and_shipment_fields_read_back_in_camel_case(b24: Portal) -> None:
+    b24.control("POST", "crm/items", {"entityTypeId": 2, "id": 14, "fields": {
+        "STAGE_ID": "C1:LOSE", "ASSIGNED_BY_ID": 1, "UF_CRM_1712345678": [3], "ID": 99, "ufCrm_Docs": [4]}})
+    assert b24.ok("crm.item.get", {"entityTypeId": 2, "id": 14})["item"] == {
+        "id": 14, "stageId": "C1:LOSE", "assignedById": 1, "ufCrm_1712345678": [3], "ufCrm_Docs": [4]}
+    b24.control("POST", "crm/items", {"entityTypeId": 1032, "id": 1, "fields": {"UF_CRM_5_DOCS": "7"}})
+    assert b24.ok("crm.item.get", {"entityTypeId": 1032, "id": 1})["item"] == {"id": 1, "ufCrm5_DOCS": "7"}
+    b24.control("POST", "sale/shipments", {"id": 9, "fields": {"DEDUCTED": "N", "EMP_DEDUCTED_ID": 2}})
+    assert b24.ok("sale.shipment.get", {"id": 9})["shipment"] == {"id": 9, "deducted": "N", "empDeductedId": 2}
+
+
 def test_scope_and_insufficient_scope_and_unknown_method(b24: Portal) -> None:
     assert b24.ok("scope") == ["catalog", "im", "crm", "sale"]
     b24.control("POST", "permissions", {"scopes": ["catalog"]})
     assert_error(b24.call("im.message.add", {"DIALOG_ID": "chat1", "MESSAGE": "x"}), 403,
                  "insufficient_scope")
     assert b24.ok("catalog.document.mode.status") == "Y"
-    assert_error(b24.call("catalog.document.get", {"id": 1}), 404, "ERROR_METHOD_NOT_FOUND",
-                 "Method not found!")
+    assert_error(b24.call("no.such.method", {"id": 1}), 404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+    b24.control("POST", "permissions", {"scopes": ["im"]})
+    assert_error(b24.call("catalog.document.get", {"id": 1}), 403, "insufficient_scope")
 
 
 def test_wrong_webhook_is_refused(b24: Portal) -> None:

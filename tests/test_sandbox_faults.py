@@ -155,3 +155,33 @@ def test_cli_error_rate_is_a_rule_that_reset_restores(sandbox_factory: Callable[
         assert portal.call("scope").status_code == 500
     finally:
         portal.http.close()
+
+
+def test_cli_fault_rules_of_any_kind_are_in_force_from_the_start(sandbox_factory: Callable[..., Any]) -> None:
+    proc = sandbox_factory("--documents", "3", "--durations-zero",
+                           "--fault", "applied_then_timeout,method=catalog.document.cancel,times=1,seconds=0.2",
+                           "--fault", '{"kind": "overload", "method": "im.message.add"}')
+    portal = Portal(proc.url, proc.extra["webhook"])
+    try:
+        rules = portal.control("GET", "faults")["rules"]
+        assert [(r["kind"], r["method"], r["times"]) for r in rules] == [
+            ("applied_then_timeout", "catalog.document.cancel", 1), ("overload", "im.message.add", None)]
+        with pytest.raises(httpx.TransportError):
+            portal.call("catalog.document.cancel", {"id": 1}, timeout=5)
+        assert portal.status(1) == "C"
+        overloaded = portal.call("im.message.add", {"DIALOG_ID": "chat1", "MESSAGE": "x"})
+        assert overloaded.status_code == 503 and overloaded.json()["error"] == "OVERLOAD_LIMIT"
+        portal.control("POST", "reset")
+        assert [r["remaining"] for r in portal.control("GET", "faults")["rules"]] == [1, None]
+    finally:
+        portal.http.close()
+
+
+def test_bad_cli_fault_rule_stops_the_start() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", "sandbox", "--fault", "explode"], capture_output=True,
+                          text=True, timeout=30, cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert done.returncode == 2 and "--fault" in done.stderr

@@ -103,6 +103,23 @@ def test_operating_limit_blocks_one_method_until_reset(tight_budget: Any) -> Non
     portal.http.close()
 
 
+def test_short_calls_in_one_batch_count_together(tight_budget: Any) -> None:
+    # The core sums one HTTP request's calls of a method and records the sum once it passes 0.1 s:
+    # one 0.05 s list is not recorded, four in one batch (0.2 s) are.
+    portal = Portal(tight_budget.url, tight_budget.extra["webhook"])
+    portal.control("POST", "reset")
+    try:
+        one = portal.call("batch", {"cmd": {"a": "catalog.document.list?select[]=id"}}).json()["result"]
+        assert one["result_time"]["a"]["operating"] == 0
+        assert portal.call("catalog.document.list", {"select": ["id"]}).json()["time"]["operating"] == 0
+        four = portal.call("batch", {"cmd": {k: "catalog.document.list?select[]=id" for k in "abcd"}}).json()
+        assert four["result"]["result_time"]["d"]["operating"] == 0  # not yet recorded during the batch
+        after = portal.call("catalog.document.list", {"select": ["id"]}).json()["time"]["operating"]
+        assert after == pytest.approx(0.2, abs=0.05)
+    finally:
+        portal.http.close()
+
+
 def test_start_up_flags(sandbox_factory: Callable[..., Any]) -> None:
     proc = sandbox_factory("--documents", "6", "--seed", "7", "--plan", "enterprise", "--language", "ru",
                            "--cancelled-status", "N", "--token-lifetime", "60",
@@ -140,3 +157,45 @@ def test_same_seed_same_documents_other_seed_other_documents(sandbox_factory: Ca
     assert [d["docType"] for d in different] != [d["docType"] for d in shared]
     httpx.post(f"{other.url}/_sandbox/reset", json={"documents": 20}).raise_for_status()
     assert httpx.get(f"{other.url}/_sandbox/documents").json() == different
+
+
+def test_plan_buckets_standard_50_enterprise_250(sandbox: Any) -> None:
+    portal = Portal(sandbox.url, sandbox.extra["webhook"])
+    try:
+        statuses = [portal.call("scope").status_code for _ in range(53)]
+        assert statuses[:50] == [200] * 50 and statuses[-1] == 503  # 2/s drains < 1 call meanwhile
+        portal.control("POST", "config", {"plan": "enterprise"})
+        portal.control("POST", "reset")  # back to standard: the plan is a start-up setting
+        assert portal.control("GET", "config")["burst"] == 50
+        portal.control("POST", "config", {"plan": "enterprise"})
+        config = portal.control("GET", "config")
+        assert (config["rate"], config["burst"]) == (5.0, 250)
+        statuses = [portal.call("scope").status_code for _ in range(265)]
+        assert statuses[:250] == [200] * 250 and 503 in statuses[250:]
+    finally:
+        portal.http.close()
+
+
+def test_start_prints_the_webhook_and_page_urls() -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import devenv
+
+    port = devenv.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "--port", str(port), "--documents", "2"],
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
+        assert lines == [f"sandbox portal webhook: http://127.0.0.1:{port}/rest/1/sandbox/",
+                         f"sandbox portal page:    http://127.0.0.1:{port}/"]
+        assert httpx.get(f"http://127.0.0.1:{port}/rest/1/sandbox/scope", timeout=5).status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)

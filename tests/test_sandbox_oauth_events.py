@@ -70,6 +70,8 @@ def test_refresh_rotates_both_tokens_once(sandbox: Any, http: httpx.Client) -> N
                           "server_endpoint", "domain", "member_id", "scope", "status", "user_id"}
     assert fresh["access_token"] != pair["access_token"] and fresh["refresh_token"] != pair["refresh_token"]
     assert fresh["expires_in"] == 3600 and fresh["expires"] >= int(time.time()) + 3590
+    # The answer comes from the OAuth server: `domain` is that server's; the portal is client_endpoint.
+    assert fresh["domain"] == "oauth.bitrix.info" and fresh["client_endpoint"] == f"{sandbox.url}/rest/"
     assert http.post(f"{sandbox.url}/rest/scope", json={"auth": fresh["access_token"]}).status_code == 200
 
     reused = http.get(f"{sandbox.url}/oauth/token/", params=query)
