@@ -20,7 +20,7 @@ from bitrix24.errors import OPERATING_LIMITED, RATE_LIMITED, Bitrix24Error, Thro
 from jobs import policy, records
 from jobs.context import job_connection, worker_context
 from jobs.enqueue import enqueue_followup
-from jobs.lifecycle import defer, final_failure, retry_later
+from jobs.lifecycle import Lease, defer, exclusively, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
 
@@ -29,8 +29,13 @@ CONDUCTED = "Y"
 
 
 def cancel_documents(request_id: str) -> dict[str, Any] | Retry:
-    """Cancel the documents of a request, then enqueue its report."""
+    """Cancel the documents of a request, then enqueue its report (one run at a time per request)."""
     conn = job_connection()
+    return exclusively(conn, "cancel", request_id, lambda lease: run_cancel(conn, request_id, lease))
+
+
+def run_cancel(conn: redis.Redis, request_id: str, lease: Lease) -> dict[str, Any] | Retry:
+    """The cancel job's work, under the request's lease."""
     record = records.load(conn, request_id)
     if record is None:
         log.warning("request record is gone; nothing to do", extra={"request_id": request_id})
@@ -44,14 +49,15 @@ def cancel_documents(request_id: str) -> dict[str, Any] | Retry:
         for doc in docs:
             doc.update(outcome="failed", detail="the portal is no longer configured in the service")
         records.save(conn, request_id, documents=docs, state="failed", error="portal not configured",
-                     finished_at=f"{time.time():.3f}")
+                     finished_at=records.now_text())
         final_failure(f"request {request_id}: portal {record['request']['portal']!r} is not configured")
     attempt = records.increment(conn, request_id, "attempts")
-    records.save(conn, request_id, state="running", started_at=f"{time.time():.3f}")
+    records.save(conn, request_id, state="running")
     log.info("cancel started", extra={"request_id": request_id, "portal": portal.name, "attempt": attempt})
 
     def progress() -> None:
         records.save(conn, request_id, documents=docs)
+        lease.renew()
 
     canceller = Canceller(ctx.client(portal, conn), docs, progress)
     try:
@@ -97,7 +103,7 @@ def finish(conn: redis.Redis, request_id: str, docs: list[dict[str, Any]], error
     """Every document is decided: save, and enqueue the report."""
     records.save(conn, request_id, documents=docs, error=error, waiting_for="", resume_at="")
     if not docs:
-        records.save(conn, request_id, state="done", finished_at=f"{time.time():.3f}")
+        records.save(conn, request_id, state="done", finished_at=records.now_text())
         log.info("request has no documents; no report", extra={"request_id": request_id})
         return
     enqueue_followup(conn, policy.NOTIFY_QUEUE, "jobs.notify.post_report", request_id,

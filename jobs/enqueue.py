@@ -22,6 +22,7 @@ from typing import Any
 import redis
 from rq import Queue, Retry
 from rq.callbacks import Callback
+from rq.exceptions import DuplicateJobError
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
@@ -136,9 +137,33 @@ class Submitter:
         return Submitted(request_id=request_id, created=bool(created))
 
 
-def enqueue_followup(conn: redis.Redis, queue: str, func: str, request_id: str, job_id: str) -> None:
-    """From inside a job: enqueue the request's next job (report after cancel, cancel after resolve)."""
-    Queue(queue, connection=conn, serializer=JSONSerializer).enqueue(
-        func, request_id, job_id=job_id, job_timeout=policy.JOB_TIMEOUT, result_ttl=policy.RESULT_TTL,
-        failure_ttl=policy.FAILURE_TTL, on_failure=ON_FAILURE,
-        retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS))
+# A follow-up job with the same id in one of these states is already on its way: leave it.
+PENDING = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+
+
+def enqueue_followup(conn: redis.Redis, queue: str, func: str, request_id: str, job_id: str) -> bool:
+    """From inside a job: enqueue the request's next job (report after cancel, cancel after resolve).
+
+    At most one such job is pending: RQ would push a second copy of the same id onto the queue (and run
+    it twice), so a pending one is left alone, and a finished one (an earlier round) is replaced.
+    Returns whether a job was enqueued.
+    """
+    q = Queue(queue, connection=conn, serializer=JSONSerializer)
+    for _ in range(2):
+        try:
+            q.enqueue(func, request_id, job_id=job_id, job_timeout=policy.JOB_TIMEOUT, result_ttl=policy.RESULT_TTL,
+                      failure_ttl=policy.FAILURE_TTL, on_failure=ON_FAILURE, unique=True,
+                      retry=Retry(max=policy.CRASH_RETRY_MAX, interval=policy.CRASH_RETRY_INTERVALS))
+            return True
+        except DuplicateJobError:
+            try:
+                existing = q.fetch_job(job_id)
+            except Exception:  # noqa: BLE001 - an unreadable leftover hash is replaced like a finished one
+                existing = None
+            if existing is not None and existing.get_status(refresh=False) in PENDING:
+                return False
+            if existing is not None:
+                existing.delete()  # an earlier round's finished or failed job, with its registry entries
+            else:
+                conn.delete(f"{q.job_class.redis_job_namespace_prefix}{job_id}")
+    return False

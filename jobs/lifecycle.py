@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, NoReturn
+import uuid
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import redis
 from rq import Retry, get_current_job
@@ -14,10 +16,76 @@ from bitrix24.errors import OPERATING_LIMITED, RATE_LIMITED, Bitrix24Error
 from jobs import policy, records
 
 log = logging.getLogger("b24cancel.jobs")
+T = TypeVar("T")
 
 
 class RequestFailed(Exception):
     """The request ended without success and nothing more will be tried; the job goes to the failed registry."""
+
+
+class LimitsOutlasted(Exception):
+    """The job waited for a portal's limits DEFER_MAX times; it gives up so that a person looks."""
+
+
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+def lease_key(kind: str, request_id: str) -> str:
+    """The Redis key of a request's lease for one kind of job (cancel, notify, resolve)."""
+    return f"b24c:lease:{kind}:{request_id}"
+
+
+class Lease:
+    """One run at a time of one kind of job for one request (an abandoned job may be re-run while the
+    original still runs: RQ is at-least-once)."""
+
+    def __init__(self, conn: redis.Redis, kind: str, request_id: str) -> None:
+        self.conn = conn
+        self.key = lease_key(kind, request_id)
+        self.token = uuid.uuid4().hex
+        self.ms = policy.LEASE_SECONDS * 1000
+
+    def acquire(self) -> bool:
+        """Take the lease unless another run holds it."""
+        return bool(self.conn.set(self.key, self.token, nx=True, px=self.ms))
+
+    def renew(self) -> None:
+        """Extend the lease we hold (called as the job saves progress)."""
+        self.conn.eval(RENEW_LUA, 1, self.key, self.token, self.ms)
+
+    def release(self) -> None:
+        """Give the lease back, if it is still ours."""
+        self.conn.eval(RELEASE_LUA, 1, self.key, self.token)
+
+    def wait(self) -> Retry:
+        """Reschedule this copy of the job for when the other run's lease ends (the record is not touched)."""
+        remaining = self.conn.pttl(self.key)
+        delay = max(1, math.ceil(remaining / 1000)) if remaining and remaining > 0 else 1
+        log.info("another run holds the request; waiting", extra={"lease": self.key, "delay_s": delay})
+        return Retry(max=policy.DEFER_MAX + 1, interval=[delay])
+
+
+def exclusively(conn: redis.Redis, kind: str, request_id: str,
+                run: Callable[[Lease], T]) -> T | Retry:
+    """Run `run(lease)` holding the request's lease for this kind of job, or wait for the other run."""
+    lease = Lease(conn, kind, request_id)
+    if not lease.acquire():
+        return lease.wait()
+    try:
+        return run(lease)
+    finally:
+        lease.release()
 
 
 def defer(conn: redis.Redis, request_id: str, until: float, why: str, **fields: Any) -> Retry:
@@ -27,10 +95,14 @@ def defer(conn: redis.Redis, request_id: str, until: float, why: str, **fields: 
     the crash-retry budget.
     """
     records.save(conn, request_id, state="retrying", resume_at=f"{until:.3f}", waiting_for=why, **fields)
-    records.increment(conn, request_id, "deferrals")
+    if records.increment(conn, request_id, "deferrals") > policy.DEFER_MAX:
+        job = get_current_job()
+        if job is not None:
+            job.retries_left = 0
+        raise LimitsOutlasted(f"request {request_id} waited {policy.DEFER_MAX} times ({why}); giving up")
     delay = max(1, math.ceil(until - time.time()))
     log.info("job rescheduled", extra={"request_id": request_id, "delay_s": delay, "why": why})
-    return Retry(max=policy.DEFER_MAX, interval=[delay])
+    return Retry(max=policy.DEFER_MAX + 1, interval=[delay])
 
 
 def retry_later(conn: redis.Redis, request_id: str, err: Bitrix24Error, counter: str, **fields: Any) -> Retry | None:

@@ -8,7 +8,6 @@ report's marker in the chat's recent messages before it posts again.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import redis
@@ -18,7 +17,7 @@ from bitrix24.client import Bitrix24Client
 from bitrix24.errors import Bitrix24Error, Throttled
 from jobs import records, report
 from jobs.context import job_connection, worker_context
-from jobs.lifecycle import defer, final_failure, retry_later
+from jobs.lifecycle import defer, exclusively, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
 
@@ -27,8 +26,13 @@ HISTORY_LIMIT = 50
 
 
 def post_report(request_id: str) -> dict[str, Any] | Retry:
-    """Post the request's report to its chat and mark the request done (or failed)."""
+    """Post the request's report to its chat and mark the request done (or failed); one run at a time."""
     conn = job_connection()
+    return exclusively(conn, "notify", request_id, lambda lease: run_report(conn, request_id))
+
+
+def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
+    """The report job's work, under the request's lease."""
     record = records.load(conn, request_id)
     if record is None:
         return {"skipped": "record expired"}
@@ -60,10 +64,10 @@ def post_report(request_id: str) -> dict[str, Any] | Retry:
             return retry
         advice = f" {err.advice}" if err.advice else ""
         records.save(conn, request_id, state="failed", report_error=f"{err.code}: {err.description}.{advice}",
-                     finished_at=f"{time.time():.3f}", waiting_for="", resume_at="")
+                     finished_at=records.now_text(), waiting_for="", resume_at="")
         final_failure(f"request {request_id}: report not posted: {err}")
     records.save(conn, request_id, message_id=str(message_id), reported_round=str(round_),
-                 state=final_state(record["documents"]), finished_at=f"{time.time():.3f}",
+                 state=final_state(record["documents"]), finished_at=records.now_text(),
                  waiting_for="", resume_at="")
     log.info("report posted", extra={"request_id": request_id, "portal": portal.name, "message_id": message_id})
     return {"message_id": message_id}

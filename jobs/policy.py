@@ -33,6 +33,10 @@ DEFER_MAX = 2000
 RATE_LIMIT_DEFER = 10
 # An OPERATION_TIME_LIMIT without a reset time: one bucket of Bitrix24's 10-minute window.
 OPERATING_DEFER = 60
+# One run of a request's job at a time: a lease, renewed as the job saves progress, that outlives the
+# longest step (a call with its connect and read timeouts, plus a limiter sleep) with room to spare. A
+# killed job's lease expires within this; a second copy of the job waits for it instead of re-sending.
+LEASE_SECONDS = 90
 # Waits up to this long sleep inside the job; longer ones reschedule it through RQ's scheduler.
 MAX_SLEEP = 5.0
 

@@ -37,7 +37,7 @@ def request_id_for(portal: str, source: str, idempotency_key: str | None) -> str
 
 def new_record(request: dict[str, Any], state: State = "queued") -> dict[str, str]:
     """The hash fields written at intake."""
-    now = f"{time.time():.3f}"
+    now = now_text()
     documents = [{"id": doc_id, "outcome": None, "detail": None} for doc_id in request.get("document_ids") or []]
     documents += [{"id": None, "number": number, "outcome": None, "detail": None}
                   for number in request.get("document_numbers") or []]
@@ -66,12 +66,39 @@ def load(conn: redis.Redis, request_id: str) -> dict[str, Any] | None:
     return record
 
 
-def save(conn: redis.Redis, request_id: str, **fields: Any) -> None:
-    """Update fields of an existing record (JSON for structures); refreshes updated_at."""
-    mapping: dict[Any, Any] = {name: value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-               for name, value in fields.items() if value is not None}
-    mapping["updated_at"] = f"{time.time():.3f}"
-    conn.hset(request_key(request_id), mapping=mapping)
+# Update a record only while it exists: a job that outlives the record's TTL must not recreate it as an
+# orphan (with no TTL, no request, and acting as an idempotency marker for ever).
+SAVE_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+INCREMENT_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+
+
+def now_text() -> str:
+    """The current unix time as stored on records."""
+    return f"{time.time():.3f}"
+
+
+def save(conn: redis.Redis, request_id: str, **fields: Any) -> bool:
+    """Update fields of an existing record (JSON for structures; None skipped); refreshes updated_at.
+
+    Returns False, writing nothing, when the record no longer exists.
+    """
+    args: list[Any] = []
+    for name, value in fields.items():
+        if value is not None:
+            args += [name, value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))]
+    args += ["updated_at", now_text()]
+    return bool(conn.eval(SAVE_IF_EXISTS, 1, request_key(request_id), *args))
 
 
 def _text(value: bytes | str) -> str:
@@ -79,8 +106,8 @@ def _text(value: bytes | str) -> str:
 
 
 def increment(conn: redis.Redis, request_id: str, name: str) -> int:
-    """Atomically add one to a counter field and return the new value."""
-    return int(conn.hincrby(request_key(request_id), name, 1))
+    """Atomically add one to a counter field of an existing record and return the new value (0: no record)."""
+    return int(conn.eval(INCREMENT_IF_EXISTS, 1, request_key(request_id), name))
 
 
 def iso(ts: str | float | None) -> str | None:
@@ -92,10 +119,10 @@ def iso(ts: str | float | None) -> str | None:
 
 def public_view(record: dict[str, Any]) -> dict[str, Any]:
     """The record as the status API shows it: no secrets, times in ISO 8601."""
-    request = record["request"]
+    request = record.get("request") or {}
     view: dict[str, Any] = {
         "request_id": record["id"],
-        "state": record["state"],
+        "state": record.get("state"),
         "portal": request.get("portal"),
         "source": request.get("source"),
         "source_ref": request.get("source_ref"),
@@ -103,7 +130,7 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "external_id": request.get("external_id"),
         "documents": [{k: v for k, v in doc.items() if k in ("id", "number", "outcome", "detail", "title",
                                                              "docType")}
-                      for doc in record["documents"]],
+                      for doc in record.get("documents") or []],
         "message_id": int(record["message_id"]) if record.get("message_id") else None,
         "attempts": record["attempts"],
         "created_at": iso(record.get("created_at")),

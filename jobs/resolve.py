@@ -9,7 +9,6 @@ is recorded on the request, so its status explains every document.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from rq import Retry
@@ -18,7 +17,7 @@ from bitrix24.errors import Bitrix24Error, Throttled
 from jobs import policy, records
 from jobs.context import job_connection, worker_context
 from jobs.enqueue import enqueue_followup
-from jobs.lifecycle import defer, final_failure, retry_later
+from jobs.lifecycle import defer, exclusively, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
 
@@ -29,6 +28,11 @@ KEEP_FIELDS = ("id", "title", "stageId", "categoryId", "deducted", "accountNumbe
 def resolve_event(request_id: str) -> dict[str, Any] | Retry:
     """Read the event's object, apply the rules, and hand the documents to the cancel job."""
     conn = job_connection()
+    return exclusively(conn, "resolve", request_id, lambda lease: run_resolve(conn, request_id))
+
+
+def run_resolve(conn: Any, request_id: str) -> dict[str, Any] | Retry:
+    """The resolve job's work, under the request's lease."""
     record = records.load(conn, request_id)
     if record is None:
         return {"skipped": "record expired"}
@@ -61,7 +65,7 @@ def resolve_event(request_id: str) -> dict[str, Any] | Retry:
         if retry is not None:
             return retry
         records.save(conn, request_id, state="failed", error=f"reading the event's object: {err}",
-                     finished_at=f"{time.time():.3f}", resolution={"event": request["event"],
+                     finished_at=records.now_text(), resolution={"event": request["event"],
                                                                    "object_id": request["object_id"],
                                                                    "rules": checks, "error": str(err)})
         final_failure(f"request {request_id}: {err}")
@@ -83,13 +87,13 @@ def resolve_event(request_id: str) -> dict[str, Any] | Retry:
 def continue_with(conn: Any, request_id: str, record: dict[str, Any]) -> dict[str, Any]:
     """After resolution: enqueue the cancel job, or end the request when there is nothing to cancel."""
     if not record["documents"]:
-        records.save(conn, request_id, state="done", finished_at=f"{time.time():.3f}")
+        records.save(conn, request_id, state="done", finished_at=records.now_text())
         why = "no rule matched" if record["resolution"].get("matched_rule") is None else "the rule found no document"
         log.info("event needs no cancel", extra={"request_id": request_id, "why": why})
         return {"documents": 0, "why": why}
+    records.save(conn, request_id, state="queued")
     enqueue_followup(conn, policy.CANCEL_QUEUE, "jobs.cancel.cancel_documents", request_id,
                      policy.cancel_job_id(request_id))
-    records.save(conn, request_id, state="queued")
     return {"documents": len(record["documents"])}
 
 

@@ -11,7 +11,7 @@ from rq.queue import Queue
 from rq.worker import HerokuWorker
 
 from jobs.context import worker_context
-from jobs.hooks import report_lost_job
+from jobs.hooks import drop_lease, end_request, report_lost_job
 
 
 class CancelWorker(HerokuWorker):
@@ -30,4 +30,7 @@ class CancelWorker(HerokuWorker):
 
     def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
         report_lost_job(job, f"work-horse killed (wait status {ret_val})")
+        drop_lease(self.connection, job)
+        if not job.retries_left:
+            end_request(self.connection, job, f"work-horse killed (wait status {ret_val})")
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
