@@ -7,6 +7,7 @@ calls the sandbox received, and the request record.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,40 @@ def test_metrics_show_what_the_workers_did(client: FlaskClient, portal: SandboxV
     assert 'b24cancel_bitrix24_calls_total{method="im.message.add",portal="default",result="ok"}' in page
     assert 'b24cancel_intake_requests_total{endpoint="api.cancel",status="202"}' in page
     assert "b24cancel_queue_depth" in page
+
+
+def test_a_second_run_of_a_request_waits_for_the_one_holding_it(
+        client: FlaskClient, portal: SandboxView, redis_proc: devenv.Process) -> None:
+    from jobs import records
+    from jobs.lifecycle import lease_key
+
+    conn = redis.Redis.from_url(redis_proc.url)
+    request_id = records.request_id_for("default", "api", "leased")
+    conn.set(lease_key("cancel", request_id), "another-run", px=3000)  # as if an earlier copy still ran
+    assert submit(client, "leased", document_ids=[2]) == request_id
+    time.sleep(1.5)
+    assert cancel_calls(portal, 2) == []  # nothing sent while the other run holds the request
+    state = finished(client, request_id)
+    assert outcomes(state) == {2: "cancelled"}
+    assert len(cancel_calls(portal, 2)) == 1
+
+
+def test_a_job_that_fails_for_good_ends_its_request_and_reports_it(
+        client: FlaskClient, portal: SandboxView, redis_proc: devenv.Process) -> None:
+    from rq import Queue
+
+    from jobs import hooks, records
+
+    conn = redis.Redis.from_url(redis_proc.url)
+    request_id = records.request_id_for("default", "api", "crashed")
+    conn.hset(records.request_key(request_id), mapping=records.new_record(
+        {"portal": "default", "source": "api", "document_ids": [3]}, state="running"))
+    conn.expire(records.request_key(request_id), 3600)
+    job = Queue("cancel", connection=conn, serializer=JSONSerializer).create_job(
+        "jobs.cancel.cancel_documents", args=(request_id,), job_id=f"cancel-{request_id}")
+    hooks.end_request(conn, job, "JobTimeoutException")
+    state = finished(client, request_id)
+    assert state["state"] == "failed"
+    assert "JobTimeoutException" in state["documents"][0]["detail"]
+    [message] = wait_for(lambda: reports(portal, request_id), what="the failure report")
+    assert "rq requeue" in message["message"]
