@@ -5,6 +5,7 @@ Importing this module starts nothing; gunicorn's `app:app` builds the app on fir
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
@@ -15,6 +16,8 @@ from werkzeug.exceptions import HTTPException
 import observability
 from handlers.intake import ERROR_NAMES, IntakeError, Services
 from settings import SettingsError, load_settings
+
+log = logging.getLogger("b24cancel.web")
 
 # Largest request body we read (the intake refuses larger ones with 413).
 MAX_BODY_BYTES = 64 * 1024
@@ -56,12 +59,13 @@ def register_errors(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
         status = exc.code or 500
-        message = "the body is larger than 64 KiB" if status == 413 else (exc.description or exc.name)
+        message = f"the body is larger than {MAX_BODY_BYTES // 1024} KiB" if status == 413 else (
+            exc.description or exc.name)
         return {"error": ERROR_NAMES.get(status, "error"), "message": message}, status
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[dict[str, Any], int]:
-        app.logger.exception("unhandled error")
+        log.exception("unhandled error", extra={"path": request.path})
         sentry_sdk.capture_exception(exc)  # a handled exception never reaches the Flask integration
         return {"error": "internal_error", "message": "internal error; it has been reported"}, 500
 

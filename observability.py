@@ -19,7 +19,9 @@ from settings import Settings
 # Webhook URLs carry their secret in the path: /rest/<user>/<code>/.
 WEBHOOK_CODE = re.compile(r"(/rest/\d+/)[A-Za-z0-9_]+(/)")
 # Standard Webhooks secrets and bearer tokens, wherever they appear in text.
-SECRET_PATTERNS = [re.compile(r"whsec_[A-Za-z0-9+/=]+"), re.compile(r"(?i)(bearer\s+)\S+")]
+SECRET_PATTERNS = [re.compile(r"whsec_[A-Za-z0-9+/=]+"), re.compile(r"(?i)(bearer\s+)\S+"),
+                   re.compile(r"(?i)((?:refresh_token|access_token|client_secret|application_token|auth|key)"
+                              r"(?:%5B[a-z_]*%5D|\[[a-z_]*\])?=)[^&\s\"']+")]
 # Keys whose values are secrets, in Sentry events (matched anywhere in nested data).
 SECRET_KEYS = ["application_token", "access_token", "refresh_token", "client_secret", "webhook_url",
                "robot_secret", "key", "auth[application_token]", "auth[access_token]", "auth[refresh_token]",

@@ -13,10 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from bitrix24.auth import OAuthApp
 
 # The portal name that the single-portal variables (B24_*) define.
 DEFAULT_PORTAL = "default"
@@ -70,6 +76,17 @@ def check_endpoint_url(url: str) -> str:
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ValueError("must use https (plain http is accepted only for a loopback sandbox)")
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
+
+
+@dataclass(frozen=True)
+class OAuthApp:
+    """A local or marketplace app's credentials for one portal (the refresh token seeds Redis once)."""
+
+    client_endpoint: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    server: str = "https://oauth.bitrix.info/oauth/token/"
 
 
 @dataclass(frozen=True)
@@ -137,17 +154,17 @@ class Settings(BaseSettings):
     b24_portals_file: str | None = None
 
     # Limits: overrides of the plan's rate and burst, and the share of the burst we use.
-    b24_rate_limit: float | None = None
-    b24_rate_burst: int | None = None
+    b24_rate_limit: float | None = Field(default=None, gt=0)
+    b24_rate_burst: int | None = Field(default=None, ge=1)
     b24_rate_headroom: float = 0.8
-    b24_operating_limit: float = 420.0
-    b24_operating_window: float = 600.0
+    b24_operating_limit: float = Field(default=420.0, gt=0)
+    b24_operating_window: float = Field(default=600.0, gt=0)
     # Pause a method this many seconds of operating time before the limit (calls in flight still add).
-    b24_operating_margin: float = 10.0
+    b24_operating_margin: float = Field(default=10.0, ge=0)
 
     # HTTP to Bitrix24. The cloud cuts any REST call at 60 s, so a longer read timeout only waits longer.
-    b24_connect_timeout: float = 5.0
-    b24_read_timeout: float = 30.0
+    b24_connect_timeout: float = Field(default=5.0, gt=0)
+    b24_read_timeout: float = Field(default=30.0, gt=0)
 
     trigger_api_keys: str = ""
     trigger_secrets: str = ""
@@ -159,7 +176,7 @@ class Settings(BaseSettings):
     port: int = 8000
 
     # How long request records and idempotency keys live (a repeat within it is one request).
-    request_ttl_days: int = 14
+    request_ttl_days: int = Field(default=14, ge=1)
     # `make run` with the sandbox: API key "sandbox" is accepted from loopback only.
     sandbox_mode: bool = False
 
@@ -255,6 +272,8 @@ def load_settings(**overrides: Any) -> Settings:
     problems = []
     if settings.b24_portals_file and settings.b24_webhook_url:
         problems.append("B24_PORTALS_FILE and B24_WEBHOOK_URL: set one or the other, not both")
+    if settings.b24_operating_margin >= settings.b24_operating_limit:
+        problems.append("B24_OPERATING_MARGIN: must be less than B24_OPERATING_LIMIT")
     if settings.b24_webhook_url and not settings.b24_chat_id:
         problems.append("B24_CHAT_ID: required with B24_WEBHOOK_URL (the chat that receives the reports)")
     if problems:

@@ -8,21 +8,24 @@ refreshed on demand, on `expired_token`, as Bitrix24's docs ask, never on a sche
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import httpx
 import redis
 
 from bitrix24.errors import Bitrix24Error, classify
+from settings import OAuthApp
 
 log = logging.getLogger("b24cancel.bitrix24")
 
 KEY_PREFIX = "b24c:oauth:"
 # Longest a refresh may hold the lock: an OAuth call with the client's timeouts, with room to spare.
 LOCK_SECONDS = 15.0
+# The refresh call's own timeouts: well inside the lock, so no second process refreshes meanwhile.
+REFRESH_TIMEOUT = httpx.Timeout(8.0, connect=3.0)
 # How often a process waiting for another's refresh looks for the new pair.
 WAIT_POLL = 0.05
 # Release the lock only if it is still ours (it may have expired and been taken by another process).
@@ -32,17 +35,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-@dataclass(frozen=True)
-class OAuthApp:
-    """A local or marketplace app's credentials for one portal (the refresh token seeds Redis once)."""
-
-    client_endpoint: str
-    client_id: str
-    client_secret: str = field(repr=False)
-    refresh_token: str = field(repr=False)
-    server: str = "https://oauth.bitrix.info/oauth/token/"
 
 
 class OAuthTokens:
@@ -88,11 +80,14 @@ class OAuthTokens:
 
     def _refresh_now(self) -> str:
         """Call the OAuth server with the stored refresh token and store the new pair atomically."""
-        refresh_token = self._stored("refresh_token") or self.app.refresh_token
+        # The configured token seeds Redis; a new one in the configuration (the app was re-installed) wins.
+        seed = hashlib.sha256(self.app.refresh_token.encode()).hexdigest()[:16]
+        stored = self._stored("refresh_token") if self._stored("seed") == seed else None
+        refresh_token = stored or self.app.refresh_token
         params = {"grant_type": "refresh_token", "client_id": self.app.client_id,
                   "client_secret": self.app.client_secret, "refresh_token": refresh_token}
         try:
-            response = self.http.get(self.app.server, params=params)
+            response = self.http.get(self.app.server, params=params, timeout=REFRESH_TIMEOUT)
             body = response.json()
         except (httpx.TransportError, ValueError) as exc:
             raise Bitrix24Error("OAUTH_UNREACHABLE", type(exc).__name__, None, "oauth.refresh",
@@ -103,7 +98,7 @@ class OAuthTokens:
                            response.status_code, "oauth.refresh")
         self.conn.hset(self.key, mapping={"access_token": body["access_token"],
                                           "refresh_token": body["refresh_token"],
-                                          "expires": str(body.get("expires", "")),
+                                          "expires": str(body.get("expires", "")), "seed": seed,
                                           "refreshed_at": f"{time.time():.3f}"})
         log.info("oauth tokens refreshed", extra={"portal": self.portal})
         return str(body["access_token"])

@@ -19,6 +19,7 @@ from handlers.metrics import count_event
 bp = Blueprint("events", __name__)
 
 OBJECT_ID = re.compile(r"^\d{1,18}$")
+TIMESTAMP = re.compile(r"^\d{1,12}$")
 EVENT_NAME = re.compile(r"^[A-Z0-9_.]{1,100}$")
 # Compared against when the portal is unknown, so both refusals take the same time.
 NO_TOKEN = "\x00no-portal\x00"
@@ -50,10 +51,12 @@ def event() -> Reply:
     if not any(rule["event"] == name for rule in portal.rules):
         count_event(portal.name, name, "no_rule")
         return {"status": "ignored", "message": f"no rule for {name} on portal {portal.name}"}, 200
-    ts = form.get("ts", "")
+    ts = form.get("ts", "").strip()
+    if not TIMESTAMP.match(ts):
+        raise IntakeError(400, "ts must be the event's unix time", "ts")
     request_: dict[str, Any] = {"portal": portal.name, "source": "event", "event": name,
                                 "object_id": int(object_id), "ts": ts,
                                 "event_handler_id": form.get("event_handler_id")}
-    body, status = submit(svc, request_, f"{name}|{object_id}|{ts}", func="jobs.resolve.resolve_event")
+    body, status = submit(svc, request_, f"{name}|{object_id}|{ts}", first_job="resolve")
     count_event(portal.name, name, "accepted" if status == 202 else "repeat")
     return body, 200  # Bitrix24's queue expects 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,13 @@ from jobs import policy, records
 from jobs.enqueue import Submitter
 from settings import CHAT_ID, Portal, Settings, is_loopback
 
+log = logging.getLogger("b24cancel.web")
+
 # Longest reason / external id / number we store and show; longer ones are refused, not cut.
 MAX_REASON = 1000
 MAX_REFERENCE = 200
+# Bitrix24 ids are 32-bit signed integers in its database.
+MAX_DOCUMENT_ID = 2**31 - 1
 # The API key `make run` prints; accepted only in sandbox mode and only from loopback.
 SANDBOX_API_KEY = "sandbox"
 CANCEL_FIELDS = {"portal", "document_ids", "document_numbers", "reason", "external_id", "chat"}
@@ -153,8 +158,8 @@ def document_ids(value: Any, field: str = "document_ids") -> list[int]:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int):
             raise IntakeError(400, f"{field} must contain integers only", field)
-        if item <= 0:
-            raise IntakeError(400, f"{field} must contain positive ids", field)
+        if not 0 < item <= MAX_DOCUMENT_ID:
+            raise IntakeError(400, f"{field} must contain positive ids (at most {MAX_DOCUMENT_ID})", field)
         ids.append(item)
     if len(set(ids)) != len(ids):
         raise IntakeError(400, f"{field} contains duplicates", field)
@@ -221,8 +226,13 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
 def idempotency_key(req: Request) -> str | None:
-    """The `Idempotency-Key` header, else the Standard Webhooks `webhook-id`."""
-    key = req.headers.get("Idempotency-Key") or req.headers.get("webhook-id")
+    """The `Idempotency-Key` header, else the Standard Webhooks `webhook-id`.
+
+    A signed request uses its `webhook-id` only: it is covered by the signature, while another header is
+    not, and a replayed signed request must not become a new request by changing it.
+    """
+    signed = "Authorization" not in req.headers and "webhook-signature" in req.headers
+    key = req.headers.get("webhook-id") if signed else req.headers.get("Idempotency-Key")
     if key is None:
         return None
     if not IDEMPOTENCY_KEY.match(key):
@@ -230,16 +240,15 @@ def idempotency_key(req: Request) -> str | None:
     return key
 
 
-def submit(svc: Services, request_: dict[str, Any], key: str | None,
-           func: str = "jobs.cancel.cancel_documents") -> Reply:
-    """Record the request and enqueue its job in one round trip: 202 when new, 200 for a repeat."""
+def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: str = "cancel") -> Reply:
+    """Record the request and enqueue its first job (`cancel` or `resolve`) in one round trip: 202 when
+    new, 200 for a repeat."""
     request_id = records.request_id_for(request_["portal"], request_["source"], key)
-    job_id = policy.cancel_job_id(request_id) if func.endswith("cancel_documents") else policy.resolve_job_id(
-        request_id)
     try:
-        result = svc.submitter.submit(request_id, request_, func, job_id)
+        result = svc.submitter.submit(request_id, request_, policy.FIRST_JOBS[first_job],
+                                      policy.first_job_id(first_job, request_id))
     except redis.RedisError:
-        current_app.logger.warning("redis unavailable at intake")
+        log.warning("redis unavailable at intake")
         raise IntakeError(503, "the service cannot store requests right now; retry later") from None
     body: dict[str, Any] = {"request_id": request_id, "status_url": f"/v1/requests/{request_id}"}
     if not result.created:

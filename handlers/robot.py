@@ -6,6 +6,7 @@ field `document_id[]` (e.g. crm, CCrmDocumentDeal, DEAL_12) is kept as the sourc
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Blueprint, request
@@ -14,24 +15,26 @@ from handlers.intake import (
     IntakeError,
     Reply,
     cancel_request,
-    choose_portal,
     constant_time_in,
     services,
     submit,
 )
-from settings import split_list
 
 bp = Blueprint("robot", __name__)
 
+# Compared against when the portal has no robot secret (or is unknown), so every refusal takes as long.
+NO_SECRET = "\x00no-robot-secret\x00"
+
+
+DIGITS = re.compile(r"^[0-9]{1,10}$")
+
 
 def _ids(raw: str) -> list[Any]:
-    values: list[Any] = []
-    for item in split_list(raw):
-        try:
-            values.append(int(item))
-        except ValueError:
-            raise IntakeError(400, "document_ids must be integers separated by commas", "document_ids") from None
-    return values
+    """Comma-separated document ids (ASCII digits only)."""
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not all(DIGITS.match(item) for item in items):
+        raise IntakeError(400, "document_ids must be integers separated by commas", "document_ids")
+    return [int(item) for item in items]
 
 
 def _robot_document(form: Any) -> str | None:
@@ -45,14 +48,17 @@ def robot() -> Reply:
     """Accept a robot call: portal secret -> validate -> submit -> 202."""
     svc = services()
     args = request.args
-    portal = choose_portal(svc, args.get("portal"))
-    if not portal.robot_secret or not constant_time_in(args.get("key", ""), [portal.robot_secret]):
-        raise IntakeError(401, "missing or wrong key for this portal's robot URL")
+    portal = svc.portal(args.get("portal"))
+    secret = portal.robot_secret if portal is not None else None
+    # An unknown portal is refused like a wrong key, so the robot URL cannot be used to probe names.
+    if not constant_time_in(args.get("key", ""), [secret or NO_SECRET]) or not secret:
+        raise IntakeError(401, "missing or wrong key for this robot URL")
+    assert portal is not None
     body: dict[str, Any] = {}
     if args.get("document_ids"):
         body["document_ids"] = _ids(args["document_ids"])
     if args.get("document_numbers"):
-        body["document_numbers"] = split_list(args["document_numbers"])
+        body["document_numbers"] = [item.strip() for item in args["document_numbers"].split(",") if item.strip()]
     for name in ("reason", "external_id", "chat"):
         if args.get(name):
             body[name] = args[name]

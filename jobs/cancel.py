@@ -94,7 +94,8 @@ def start_replay(conn: redis.Redis, request_id: str, record: dict[str, Any]) -> 
         if doc["outcome"] == "failed":
             doc.update(outcome=None, detail=None, advice=None)
     round_ = int(record.get("round", 1)) + 1
-    records.save(conn, request_id, documents=docs, round=str(round_), transient_failures="0", state="queued")
+    records.save(conn, request_id, documents=docs, round=str(round_), transient_failures="0",
+                 report_failures="0", error="", report_error="", state="queued")
     log.info("replaying failed request", extra={"request_id": request_id, "round": round_})
     return docs
 
@@ -190,10 +191,12 @@ class Canceller:
             elif err.is_business and after is not None:
                 self.decide_business(doc, err.description, before.get(doc["id"]), after.get(doc["id"]))
             elif err.is_business:
+                doc.pop("sent", None)  # answered: it is settled by a re-read, not treated as unanswered
                 unsettled[doc["id"]] = err.description
             elif err.code in (RATE_LIMITED, OPERATING_LIMITED):
                 doc.pop("sent", None)  # refused before it ran
-                later = later or Throttled(time.time() + 60, f"{err.code} for {err.method}")
+                wait = policy.RATE_LIMIT_DEFER if err.code == RATE_LIMITED else policy.OPERATING_DEFER
+                later = later or Throttled(time.time() + wait, f"{err.code} for {err.method}")
             elif err.retryable:
                 later = later or err
             else:

@@ -37,8 +37,6 @@ ON_FAILURE = Callback("jobs.hooks.on_job_failure")
 PER_REQUEST_JOB_FIELDS = ("data", "created_at", "enqueued_at", "description")
 # The record fields that differ per request (state, attempts... are the same for every new record).
 PER_REQUEST_RECORD_FIELDS = ("request", "documents", "created_at", "updated_at")
-# The jobs the intake enqueues (cancel for triggers and robots, resolve for Bitrix24 events).
-INTAKE_JOBS = ("jobs.cancel.cancel_documents", "jobs.resolve.resolve_event")
 LUA_LITERAL = re.compile(r"^[\x20-\x7e]*$")
 
 SUBMIT_SCRIPT = """
@@ -102,7 +100,7 @@ class Submitter:
         self.queues = {name: Queue(name, connection=conn, serializer=JSONSerializer)
                        for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE)}
         self._scripts: dict[tuple[str, str], Any] = {}
-        for func in INTAKE_JOBS:  # built here, not on a request: the first request pays nothing extra
+        for func in policy.FIRST_JOBS.values():  # built here, not on a request: the first pays nothing extra
             self._script(self.queues[policy.CANCEL_QUEUE], func)
 
     def _script(self, queue: Queue, func: str) -> Any:

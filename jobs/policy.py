@@ -6,7 +6,6 @@ import random
 
 CANCEL_QUEUE = "cancel"
 NOTIFY_QUEUE = "notify"
-RESOLVE_QUEUE = "cancel"  # event rules resolve on the cancel queue: same worker pool, same order of arrival
 
 # A cancel job makes a handful of HTTP calls with a 30 s read timeout each; 10 minutes is far past any
 # honest run, and short enough that a stuck job is noticed.
@@ -48,6 +47,15 @@ CANCELS_PER_BATCH = BATCH_SIZE - 2
 MAX_DOCUMENTS = 500
 
 
+# The first job of a request, by what the intake accepted: a cancel, or an event to resolve.
+FIRST_JOBS = {"cancel": "jobs.cancel.cancel_documents", "resolve": "jobs.resolve.resolve_event"}
+
+
+def first_job_id(kind: str, request_id: str) -> str:
+    """The id of a request's first job (`cancel-<id>` or `resolve-<id>`)."""
+    return f"{kind}-{request_id}"
+
+
 def cancel_job_id(request_id: str) -> str:
     """The cancel job's id: derived from the request, so one request never has two cancel jobs."""
     return f"cancel-{request_id}"
@@ -56,11 +64,6 @@ def cancel_job_id(request_id: str) -> str:
 def notify_job_id(request_id: str) -> str:
     """The report job's id: one per request."""
     return f"notify-{request_id}"
-
-
-def resolve_job_id(request_id: str) -> str:
-    """The event-resolve job's id: one per accepted event."""
-    return f"resolve-{request_id}"
 
 
 def transient_backoff(failures: int) -> int:

@@ -157,5 +157,5 @@ def safe_format(template: str, values: dict[str, Any]) -> str:
 
     try:
         return template.format_map(Missing(values))
-    except (ValueError, IndexError, AttributeError):
+    except (ValueError, IndexError, AttributeError, TypeError, KeyError):
         return template

@@ -290,3 +290,10 @@ def test_a_burst_of_300_events_is_all_accepted_and_all_resolved(stack: dict[str,
 
 def member_id_of(portal: SandboxView) -> str:
     return str(portal.http.get("/_sandbox/config").json()["member_id"])
+
+
+def test_events_without_a_timestamp_are_refused(events_client: FlaskClient, redis_conn: redis.Redis) -> None:
+    form = {k: v for k, v in event_form().items() if k != "ts"}
+    response = events_client.post("/v1/bitrix24/events", data=form)
+    assert response.status_code == 400 and response.get_json()["field"] == "ts"
+    assert jobs_in(redis_conn) == []

@@ -266,3 +266,28 @@ def test_fast_path_writes_the_job_hash_rq_itself_writes(client: FlaskClient, red
     job = Job.fetch(f"cancel-{request_id}", connection=redis_conn, serializer=JSONSerializer)
     assert (job.func_name, job.args, job.origin, job.retries_left) == ("jobs.cancel.cancel_documents",
                                                                         [request_id], "cancel", 3)
+
+
+def test_a_signed_request_cannot_be_replayed_as_new_with_another_idempotency_key(
+        client: FlaskClient, redis_conn: redis.Redis) -> None:
+    body = dumps(GOOD)
+    headers = signed_headers(body, "msg_replay")
+    first = client.post("/v1/cancel", data=body, headers={**headers, "Idempotency-Key": "a"})
+    again = client.post("/v1/cancel", data=body, headers={**headers, "Idempotency-Key": "b"})
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert len(queued(redis_conn)) == 1
+
+
+def test_robot_refuses_unknown_portals_like_wrong_keys_and_odd_ids(client: FlaskClient,
+                                                                   redis_conn: redis.Redis) -> None:
+    unknown = client.get(f"/v1/bitrix24/robot?portal=elsewhere&key={ROBOT_SECRET}&document_ids=1")
+    wrong = client.get("/v1/bitrix24/robot?portal=default&key=nope&document_ids=1")
+    assert unknown.status_code == wrong.status_code == 401
+    assert unknown.get_json() == wrong.get_json()
+    for ids in ("1_000", "\u0663", "1.5", "99999999999"):
+        assert client.get(f"/v1/bitrix24/robot?key={ROBOT_SECRET}&document_ids={ids}").status_code == 400
+    numbers = client.get(f"/v1/bitrix24/robot?key={ROBOT_SECRET}&document_numbers=RMA 2291,RMA 2292")
+    assert numbers.status_code == 202
+    status = client.get(numbers.get_json()["status_url"], headers=bearer()).get_json()
+    assert [d["number"] for d in status["documents"]] == ["RMA 2291", "RMA 2292"]
+    assert post(client, {"document_ids": [2**31]}).status_code == 400
