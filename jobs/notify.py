@@ -8,6 +8,7 @@ report's marker in the chat's recent messages before it posts again.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -21,8 +22,11 @@ from jobs.lifecycle import defer, exclusively, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
 
-# How many recent chat messages to search for an unanswered post (the report is among the newest).
+# Looking for an unanswered post: messages per page (Bitrix24's maximum), how many pages at most, and how
+# far the portal's clock may differ from ours.
 HISTORY_LIMIT = 50
+HISTORY_PAGES = 10
+CLOCK_SKEW = 300.0
 
 
 def post_report(request_id: str) -> dict[str, Any] | Retry:
@@ -52,9 +56,9 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
     try:
         message_id = None
         if record.get("report_sent") == str(round_):
-            message_id = find_posted(client, chat, tag)
+            message_id = find_posted(client, chat, tag, since=float(record.get("report_sent_at") or 0))
         if message_id is None:
-            records.save(conn, request_id, report_sent=str(round_))
+            records.save(conn, request_id, report_sent=str(round_), report_sent_at=records.now_text())
             message_id = send(client, conn, request_id, chat, report.render(record, portal, round_))
     except Throttled as wait:
         return defer(conn, request_id, wait.until, wait.reason)
@@ -92,12 +96,32 @@ def send(client: Bitrix24Client, conn: redis.Redis, request_id: str, chat: str, 
     return int(answer.result)
 
 
-def find_posted(client: Bitrix24Client, chat: str, tag: str) -> int | None:
-    """The id of a message in the chat that carries the report's tag, if an earlier post did land."""
-    answer = client.call("im.dialog.messages.get", {"DIALOG_ID": chat, "LIMIT": HISTORY_LIMIT})
-    messages = answer.result.get("messages", []) if isinstance(answer.result, dict) else []
-    for message in messages:
-        text = str(message.get("text", ""))
-        if text.endswith(tag) or f"{tag} " in text or f"{tag}\n" in text:
-            return int(message["id"])
+def find_posted(client: Bitrix24Client, chat: str, tag: str, since: float) -> int | None:
+    """The id of a message in the chat that carries the report's tag, if an earlier post did land.
+
+    Pages back from the newest message until it passes the time of the unanswered post (a busy chat may
+    have moved on since), at most HISTORY_PAGES pages.
+    """
+    last_id: int | None = None
+    for _ in range(HISTORY_PAGES):
+        params: dict[str, Any] = {"DIALOG_ID": chat, "LIMIT": HISTORY_LIMIT}
+        if last_id is not None:
+            params["LAST_ID"] = last_id
+        answer = client.call("im.dialog.messages.get", params)
+        messages = answer.result.get("messages", []) if isinstance(answer.result, dict) else []
+        for message in messages:
+            text = str(message.get("text", ""))
+            if text.endswith(tag) or f"{tag} " in text or f"{tag}\n" in text:
+                return int(message["id"])
+        if len(messages) < HISTORY_LIMIT or _posted_at(messages[-1]) < since - CLOCK_SKEW:
+            return None
+        last_id = int(messages[-1]["id"])
     return None
+
+
+def _posted_at(message: dict[str, Any]) -> float:
+    """A message's time as unix seconds (0 when it cannot be read, which ends the search)."""
+    try:
+        return datetime.fromisoformat(str(message.get("date"))).timestamp()
+    except ValueError:
+        return 0.0

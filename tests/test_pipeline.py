@@ -274,3 +274,21 @@ def test_a_job_that_fails_for_good_ends_its_request_and_reports_it(
     assert "JobTimeoutException" in state["documents"][0]["detail"]
     [message] = wait_for(lambda: reports(portal, request_id), what="the failure report")
     assert "rq requeue" in message["message"]
+
+
+def test_an_unanswered_post_is_found_in_a_busy_chat_and_not_repeated(
+        client: FlaskClient, portal: SandboxView) -> None:
+    portal.config(rate=10_000, burst=10_000)  # the chatter below is not what this test limits
+    portal.faults({"kind": "applied_then_timeout", "method": "im.message.add", "times": 1, "seconds": 3})
+    request_id = submit(client, "busy-chat", document_ids=[5])
+    wait_for(lambda: reports(portal, request_id), timeout=20, what="the report to land")
+    # meanwhile the chat moves on: 120 other messages arrive before the retry looks
+    chatter = portal.http.post  # the sandbox stores messages sent by anyone with the webhook
+    for n in range(120):
+        chatter(f"{portal.url}/rest/1/sandbox/im.message.add.json", json={"DIALOG_ID": "chat1", "MESSAGE": f"noise {n}"})
+    state = finished(client, request_id)
+    assert state["state"] == "done"
+    [message] = reports(portal, request_id)
+    assert state["message_id"] == message["id"]
+    later = [m for m in portal.messages() if m["id"] > message["id"]]
+    assert len(later) >= 100  # the report was past the first page of history when the retry looked
