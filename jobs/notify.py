@@ -43,7 +43,7 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
     round_ = int(record.get("round", 1))
     if int(record.get("reported_round", 0)) >= round_:
         if record["state"] not in ("done", "failed"):  # a cancel job that ran again after the report
-            records.save(conn, request_id, state=final_state(record["documents"]))
+            records.save(conn, request_id, state=final_state(record))
         return {"message_id": record.get("message_id"), "already": True}
     ctx = worker_context()
     portal = ctx.settings.portal(record["request"]["portal"])
@@ -71,14 +71,17 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
                      finished_at=records.now_text(), waiting_for="", resume_at="")
         final_failure(f"request {request_id}: report not posted: {err}")
     records.save(conn, request_id, message_id=str(message_id), reported_round=str(round_),
-                 state=final_state(record["documents"]), finished_at=records.now_text(),
+                 state=final_state(record), finished_at=records.now_text(),
                  waiting_for="", resume_at="")
     log.info("report posted", extra={"request_id": request_id, "portal": portal.name, "message_id": message_id})
     return {"message_id": message_id}
 
 
-def final_state(documents: list[dict[str, Any]]) -> str:
-    """A reported request is done, or failed when a document could not be handled."""
+def final_state(record: dict[str, Any]) -> str:
+    """A reported request is done, or failed when a document (or the event's object) could not be handled."""
+    documents = record.get("documents") or []
+    if not documents and record.get("error"):
+        return "failed"
     return "failed" if any(doc.get("outcome") == "failed" for doc in documents) else "done"
 
 

@@ -26,6 +26,9 @@ TEXT: dict[str, dict[str, Any]] = {
         "headline_ok": "Cancelled the conduct of inventory documents",
         "headline_partial": "Cancelling inventory documents: some need attention",
         "headline_failed": "Could not cancel inventory documents",
+        "headline_event_failed": "Could not read the object of a Bitrix24 event",
+        "event_failed_hint": "check that the webhook has the scope of the rule's read method and that the object "
+                             "exists; the request can be replayed with rq requeue",
         "reason": "Reason",
         "source": "Source",
         "external": "external id",
@@ -50,6 +53,9 @@ TEXT: dict[str, dict[str, Any]] = {
         "headline_ok": "Отменено проведение складских документов",
         "headline_partial": "Отмена проведения складских документов: нужно внимание",
         "headline_failed": "Не удалось отменить проведение складских документов",
+        "headline_event_failed": "Не удалось прочитать объект события Bitrix24",
+        "event_failed_hint": "проверьте, что у вебхука есть права на метод чтения из правила и что объект "
+                             "существует; запрос можно повторить через rq requeue",
         "reason": "Причина",
         "source": "Источник",
         "external": "внешний id",
@@ -86,7 +92,9 @@ def render(record: dict[str, Any], portal: Portal, round_: int = 1) -> str:
     docs = record["documents"]
     counts = Counter(doc.get("outcome") or "pending" for doc in docs)
     good = counts["cancelled"] + counts["already_not_conducted"]
-    if good == len(docs):
+    if not docs and record.get("error"):
+        headline = t["headline_event_failed"]
+    elif good == len(docs):
         headline = t["headline_ok"]
     elif good == 0:
         headline = t["headline_failed"]
@@ -95,7 +103,9 @@ def render(record: dict[str, Any], portal: Portal, round_: int = 1) -> str:
     tally = ", ".join(f"{t[name]}: {counts[name]}" for name in
                       ("cancelled", "already_not_conducted", "not_found", "refused", "failed", "pending")
                       if counts[name])
-    lines = [f"[b]{headline}[/b] ({tally})"]
+    lines = [f"[b]{headline}[/b]" + (f" ({tally})" if tally else "")]
+    if not docs and record.get("error"):
+        lines.append(f"{_plain(record['error'])}. {t['todo']}: {t['event_failed_hint']}")
     if request.get("reason"):
         lines.append(f"[b]{t['reason']}:[/b] {_plain(request['reason'])}")
     lines.append(f"[b]{t['source']}:[/b] {_source(request, record, portal, t)}")

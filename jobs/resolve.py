@@ -64,10 +64,12 @@ def run_resolve(conn: Any, request_id: str) -> dict[str, Any] | Retry:
         retry = retry_later(conn, request_id, err, "transient_failures")
         if retry is not None:
             return retry
-        records.save(conn, request_id, state="failed", error=f"reading the event's object: {err}",
-                     finished_at=records.now_text(), resolution={"event": request["event"],
-                                                                   "object_id": request["object_id"],
-                                                                   "rules": checks, "error": str(err)})
+        records.save(conn, request_id, error=f"reading the event's object: {err}",
+                     resolution={"event": request["event"], "object_id": request["object_id"],
+                                 "rules": checks, "error": str(err)})
+        # the chat hears of it too: the report job marks the request failed once it has posted
+        enqueue_followup(conn, policy.NOTIFY_QUEUE, "jobs.notify.post_report", request_id,
+                         policy.notify_job_id(request_id))
         final_failure(f"request {request_id}: {err}")
     matched = next((check for check in checks if check["matched"]), None)
     resolution = {"event": request["event"], "object_id": request["object_id"], "rules": checks,

@@ -297,3 +297,16 @@ def test_events_without_a_timestamp_are_refused(events_client: FlaskClient, redi
     response = events_client.post("/v1/bitrix24/events", data=form)
     assert response.status_code == 400 and response.get_json()["field"] == "ts"
     assert jobs_in(redis_conn) == []
+
+
+def test_an_object_that_cannot_be_read_is_reported_in_the_chat(stack: dict[str, Any]) -> None:
+    portal: SandboxView = stack["portal"]
+    portal.permissions(scopes=["catalog", "im"])  # the webhook lost the crm scope
+    sent = fire(portal, stack["url"], "ONCRMDEALUPDATE", 12)
+    request_id = httpx.Response(200, text=sent["body"]).json()["request_id"]
+    state = wait_for(lambda: (s := request_status(stack["url"], request_id))["state"] == "failed" and s,
+                     timeout=30, what="the request to fail")
+    assert "insufficient_scope" in state["error"]
+    [message] = wait_for(lambda: [m for m in portal.messages() if request_id in m["message"]], timeout=20,
+                         what="the report")
+    assert "Could not read the object" in message["message"] and "insufficient_scope" in message["message"]
