@@ -13,6 +13,7 @@ import sentry_sdk
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+import commands
 import observability
 from handlers.intake import ERROR_NAMES, IntakeError, Services
 from settings import SettingsError, load_settings
@@ -21,6 +22,11 @@ log = logging.getLogger("b24cancel.web")
 
 # Largest request body we read (the intake refuses larger ones with 413).
 MAX_BODY_BYTES = 64 * 1024
+# Redis from the web process: a stuck Redis must turn into a 503 well inside a sender's own timeout
+# (Standard Webhooks senders wait 15-30 s), and an idle pooled connection is checked before reuse.
+REDIS_TIMEOUT = 5
+REDIS_CONNECT_TIMEOUT = 2
+REDIS_HEALTH_CHECK = 30
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -34,8 +40,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    conn = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                health_check_interval=30)
+    conn = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT,
+                                socket_connect_timeout=REDIS_CONNECT_TIMEOUT, health_check_interval=REDIS_HEALTH_CHECK)
     app.extensions["b24cancel"] = Services.build(settings, conn)
 
     from handlers import api, events, health, robot
@@ -45,6 +51,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(events.bp)
     app.register_blueprint(health.bp)
     register_errors(app)
+    commands.init_app(app)
     return app
 
 

@@ -32,6 +32,11 @@ CHAT_ID = re.compile(r"^(chat|sg)\d+$|^\d+$")
 LOOPBACK_HOSTS = {"localhost"}
 
 
+# The variables that define the single portal `default` (the portals file replaces them all).
+SINGLE_PORTAL_FIELDS = ("b24_webhook_url", "b24_chat_id", "b24_application_token", "b24_robot_secret",
+                        "b24_member_id", "b24_domain")
+
+
 class SettingsError(Exception):
     """The configuration is wrong; the message names every bad value, one per line."""
 
@@ -270,8 +275,11 @@ def load_settings(**overrides: Any) -> Settings:
             lines.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
     problems = []
-    if settings.b24_portals_file and settings.b24_webhook_url:
-        problems.append("B24_PORTALS_FILE and B24_WEBHOOK_URL: set one or the other, not both")
+    if settings.b24_portals_file:
+        single = [name.upper() for name in SINGLE_PORTAL_FIELDS if getattr(settings, name)]
+        if single:
+            problems.append(f"B24_PORTALS_FILE and {', '.join(single)}: the portals file replaces the single-portal "
+                            "variables; set one or the other, not both")
     if settings.b24_operating_margin >= settings.b24_operating_limit:
         problems.append("B24_OPERATING_MARGIN: must be less than B24_OPERATING_LIMIT")
     if settings.b24_webhook_url and not settings.b24_chat_id:

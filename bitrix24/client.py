@@ -6,7 +6,6 @@ so the caller can reschedule instead of holding a worker.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from bitrix24.errors import (
     Throttled,
     classify,
 )
+from settings import is_loopback
 
 log = logging.getLogger("b24cancel.bitrix24")
 
@@ -81,15 +81,6 @@ class BatchAnswer:
     time: dict[str, Any] = field(default_factory=dict)
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def php_query(params: Mapping[str, Any]) -> str:
     """Encode params as PHP's http_build_query does (filter[id]=5, select[0]=id), values URL-encoded."""
     pairs: list[str] = []
@@ -119,7 +110,7 @@ class Bitrix24Client:
                  observe: Observer | None = None, tokens: OAuthTokens | None = None) -> None:
         """`base_url`: the incoming-webhook URL, or with `tokens` (an app's OAuth) the portal's client_endpoint."""
         parts = urlsplit(base_url)
-        if parts.scheme != "https" and not (parts.scheme == "http" and _loopback(parts.hostname or "")):
+        if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback(parts.hostname or "")):
             raise ValueError("Bitrix24 is called over https; plain http only for a loopback sandbox")
         self.base = base_url if base_url.endswith("/") else base_url + "/"
         self.portal = portal

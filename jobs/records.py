@@ -17,13 +17,10 @@ import redis
 KEY_PREFIX = "b24c:req:"
 
 State = Literal["queued", "running", "retrying", "done", "failed"]
-Outcome = Literal["cancelled", "already_not_conducted", "not_found", "refused", "failed"]
-OUTCOMES: tuple[str, ...] = ("cancelled", "already_not_conducted", "not_found", "refused", "failed")
-# Outcomes that mean the document is not conducted now, which is what the sender asked for.
-SUCCESSFUL = ("cancelled", "already_not_conducted")
 
 
 def request_key(request_id: str) -> str:
+    """The Redis key of a request's record."""
     return KEY_PREFIX + request_id
 
 

@@ -310,3 +310,11 @@ def test_an_object_that_cannot_be_read_is_reported_in_the_chat(stack: dict[str, 
     [message] = wait_for(lambda: [m for m in portal.messages() if request_id in m["message"]], timeout=20,
                          what="the report")
     assert "Could not read the object" in message["message"] and "insufficient_scope" in message["message"]
+
+
+def test_check_config_lists_portals_without_secrets(events_client: FlaskClient) -> None:
+    result = events_client.application.test_cli_runner().invoke(args=["check-config"])
+    assert result.exit_code == 0
+    assert "shop: https://shop.bitrix24.com/rest/1/****/" in result.output and "other:" in result.output
+    for secret in ("shopcode", "othercode", SHOP_TOKEN, OTHER_TOKEN):
+        assert secret not in result.output

@@ -56,6 +56,10 @@ def client(redis_proc: devenv.Process, shared_sandbox: devenv.Process, worker: P
     return create_app(config).test_client()
 
 
+def app_of(client: FlaskClient) -> Any:
+    return client.application
+
+
 def submit(client: FlaskClient, key: str, **body: Any) -> str:
     response = client.post("/v1/cancel", json=body, headers={**bearer(), "Idempotency-Key": key})
     assert response.status_code == 202, response.get_json()
@@ -225,6 +229,17 @@ def test_missing_scope_fails_the_request_reports_it_and_keeps_the_job(
     job = Job.fetch(f"cancel-{request_id}", connection=conn, serializer=JSONSerializer)
     assert job.get_status() == "failed"
     assert len(portal.calls("catalog.document.cancel")) == 1  # a permanent error is not retried
+
+    portal.permissions(scopes=["catalog", "im"])  # a person fixes the webhook, then replays the request
+    result = app_of(client).test_cli_runner().invoke(args=["replay", request_id])
+    assert result.exit_code == 0, result.output
+    assert f"cancel-{request_id}" in result.output
+    state = wait_for(lambda: (s := status(client, request_id))["state"] == "done" and s, timeout=40,
+                     what="the replayed request")
+    assert outcomes(state) == {19: "cancelled"}
+    assert portal.document(19)["status"] != "Y"
+    assert len(reports(portal, request_id)) == 2  # the first report, and the replay's
+    assert "replay 2" in reports(portal, request_id)[1]["message"]
 
 
 def test_metrics_show_what_the_workers_did(client: FlaskClient, portal: SandboxView) -> None:
