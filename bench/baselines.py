@@ -61,7 +61,7 @@ def create_naive_app() -> Flask:
 
 def __getattr__(name: str) -> Flask:
     if name == "naive_app":
-        global naive_app
-        naive_app = create_naive_app()
-        return naive_app
+        built = create_naive_app()
+        globals()["naive_app"] = built
+        return built
     raise AttributeError(name)

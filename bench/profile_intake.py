@@ -126,25 +126,13 @@ def run(args: argparse.Namespace) -> None:
         rid = records.request_id_for("default", "api", f"s-{counter[0]}")
         real_submit(rid, request_, "jobs.cancel.cancel_documents", policy.cancel_job_id(rid))
 
-    # The submit script alone, with arguments of the real shape built once.
-    queue = svc.submitter.queues[policy.CANCEL_QUEUE]
-    job = queue.create_job("jobs.cancel.cancel_documents", args=("r" * 32,), job_id="cancel-" + "r" * 32)
-    queue._prepare_for_queue(job)
-    fields = [x for pair in records.new_record(request_).items() for x in pair]
-    job_fields = [x for pair in job.to_dict().items() for x in pair]
-
-    def script_only() -> None:
-        counter[0] += 1
-        n = counter[0]
-        svc.submitter.script(keys=[f"b24c:req:p{n}", f"rq:job:p{n}", queue.key, "rq:queues"],
-                             args=[1209600, f"p{n}", queue.key, len(fields), *fields, *job_fields])
-
     print("un-profiled cost per call (best of 3 x 2000), wall / CPU of this process:")
-    rows = [("full POST /v1/cancel (test client)", post)]
-    rows.append(("bare Flask POST (test client)", lambda: bare_client.post("/v1/cancel", data=BODY, headers=HEADERS)))
-    rows.append(("Submitter.submit alone", submit_only))
-    rows.append((f"submit script alone ({8 + len(fields) + len(job_fields)} args, precomputed)", script_only))
-    rows.append(("Redis PING", svc.redis.ping))
+    rows: list[tuple[str, Callable[[], object]]] = [
+        ("full POST /v1/cancel (test client)", post),
+        ("bare Flask POST (test client)", lambda: bare_client.post("/v1/cancel", data=BODY, headers=HEADERS)),
+        ("Submitter.submit alone", submit_only),
+        ("Redis PING", svc.redis.ping),
+    ]
     for label, fn in rows:
         wall, used = cost(fn)
         print(f"  {label:58s} {wall:7.0f} us / {used:5.0f} us")

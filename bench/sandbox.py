@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import devenv  # noqa: E402
+import devenv
 
 HOST = "127.0.0.1"  # the benchmark only ever talks to this machine
 # Limits far above what the benchmark can reach, so only the server's speed is measured.

@@ -9,9 +9,18 @@ import sys
 from typing import Any
 
 from sandbox.app import create_app
-from sandbox.config import (CANCELLED_STATUSES, DEFAULT_APPLICATION_TOKEN, DEFAULT_DURATIONS,
-                            DEFAULT_MEMBER_ID, DEFAULT_OPERATING_LIMIT, DEFAULT_OPERATING_WINDOW,
-                            DEFAULT_TOKEN_LIFETIME, LANGUAGES, PLAN_LIMITS, Config)
+from sandbox.config import (
+    CANCELLED_STATUSES,
+    DEFAULT_APPLICATION_TOKEN,
+    DEFAULT_DURATIONS,
+    DEFAULT_MEMBER_ID,
+    DEFAULT_OPERATING_LIMIT,
+    DEFAULT_OPERATING_WINDOW,
+    DEFAULT_TOKEN_LIFETIME,
+    LANGUAGES,
+    PLAN_LIMITS,
+    Config,
+)
 from sandbox.faults import FaultBook, FaultError
 from sandbox.server import serve
 

@@ -9,8 +9,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 from werkzeug.wrappers import Response
 
-from sandbox.config import (CANCELLED_STATUSES, LANGUAGES, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET,
-                            PLAN_LIMITS)
+from sandbox.config import CANCELLED_STATUSES, LANGUAGES, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, PLAN_LIMITS
 from sandbox.events import EventError, send_event
 from sandbox.faults import FaultError
 from sandbox.jsonutil import control_error, json_response

@@ -372,11 +372,11 @@ def _condition(key: str, raw: Any) -> Callable[[dict[str, Any]], bool] | None:
     texts = ["" if v is None else v.isoformat() if isinstance(v, datetime) else str(v) for v in wanted]
     if operator in ("%", "!%"):
         needles = [t.lower() for t in texts]
-        hit = lambda doc: any(n in str(doc.get(field) or "").lower() for n in needles)  # noqa: E731
+        hit = lambda doc: any(n in str(doc.get(field) or "").lower() for n in needles)
         return hit if operator == "%" else (lambda doc: not hit(doc))
     if operator in ("=%", "!=%"):
         patterns = [_like(t) for t in texts]
-        hit = lambda doc: any(p.match(str(doc.get(field) or "")) for p in patterns)  # noqa: E731
+        hit = lambda doc: any(p.match(str(doc.get(field) or "")) for p in patterns)
         return hit if operator == "=%" else (lambda doc: not hit(doc))
     bound = wanted[0] if wanted else None
     compare = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
@@ -627,7 +627,7 @@ def _upper(params: dict[str, Any]) -> dict[str, Any]:
 
 def _resolve_dialog(ctx: CallContext, dialog_id: str, for_reading: bool) -> Chat:
     portal = ctx.portal
-    if dialog_id.startswith("chat") or dialog_id.startswith("sg"):
+    if dialog_id.startswith(("chat", "sg")):
         chat = portal.chats.get(dialog_id)
         if chat is None:
             if for_reading:

@@ -157,7 +157,8 @@ class RestCall:
         parts = path.strip("/").split("/")
         self.route_ok = len(parts) in (1, 3)
         self.auth_kind = "webhook" if len(parts) == 3 else "oauth"
-        self.hook_user, self.hook_code = (parts[0], parts[1]) if len(parts) == 3 else (None, None)
+        self.hook_user: str | None = parts[0] if len(parts) == 3 else None
+        self.hook_code: str | None = parts[1] if len(parts) == 3 else None
         self.method = _method_name(parts[-1])
         self.params = read_params(request)
         self.token = self.params.pop("auth", None)

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
 import httpx
@@ -85,9 +85,9 @@ def test_refresh_rotates_both_tokens_once(sandbox: Any, http: httpx.Client) -> N
 
 
 class _Receiver(BaseHTTPRequestHandler):
-    received: list[tuple[str, str, list[tuple[str, str]]]] = []
+    received: ClassVar[list[tuple[str, str, list[tuple[str, str]]]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
         self.received.append((self.path, self.headers.get("Content-Type", ""), parse_qsl(body)))
         self.send_response(200)
