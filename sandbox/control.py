@@ -166,6 +166,16 @@ def put_chat() -> Response:
         return json_response(chat.public())
 
 
+def _object_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A seeded object's `fields`, in camelCase, without the id (it comes from the request)."""
+    fields = data.get("fields", {})
+    if not isinstance(fields, dict):
+        raise BadRequest("`fields` must be an object")
+    fields = _camel_fields(fields)
+    fields.pop("id", None)
+    return fields
+
+
 @bp.post("/crm/items")
 def put_crm_item() -> Response:
     """Create or replace a CRM item: `{"entityTypeId": 2, "id": 12, "fields": {...}}` (UPPER_SNAKE keys become camelCase)."""
@@ -174,12 +184,8 @@ def put_crm_item() -> Response:
         key = (int(data["entityTypeId"]), int(data["id"]))
     except (KeyError, TypeError, ValueError):
         raise BadRequest("`entityTypeId` and `id` must be integers") from None
-    fields = data.get("fields", {})
-    if not isinstance(fields, dict):
-        raise BadRequest("`fields` must be an object")
+    fields = _object_fields(data)
     portal = _portal()
-    fields = _camel_fields(fields)
-    fields.pop("id", None)
     with portal.lock:
         portal.crm_items[key] = fields
         return json_response({"entityTypeId": key[0], "item": {"id": key[1], **fields}})
@@ -193,12 +199,8 @@ def put_shipment() -> Response:
         shipment_id = int(data["id"])
     except (KeyError, TypeError, ValueError):
         raise BadRequest("`id` must be an integer") from None
-    fields = data.get("fields", {})
-    if not isinstance(fields, dict):
-        raise BadRequest("`fields` must be an object")
+    fields = _object_fields(data)
     portal = _portal()
-    fields = _camel_fields(fields)
-    fields.pop("id", None)
     with portal.lock:
         portal.shipments[shipment_id] = fields
         return json_response({"shipment": {"id": shipment_id, **fields}})

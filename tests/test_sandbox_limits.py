@@ -9,22 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-
-class Portal:
-    """Webhook calls and control calls against one sandbox."""
-
-    def __init__(self, url: str, webhook: str) -> None:
-        self.url = url
-        self.webhook = webhook
-        self.http = httpx.Client(timeout=10)
-
-    def call(self, method: str, params: dict[str, Any] | None = None) -> httpx.Response:
-        return self.http.post(self.webhook + method, json=params or {})
-
-    def control(self, verb: str, path: str, body: Any = None) -> Any:
-        answer = self.http.request(verb, f"{self.url}/_sandbox/{path}", json=body)
-        assert answer.status_code == 200, answer.text
-        return answer.json()
+from tests.test_sandbox import Portal
 
 
 @pytest.fixture(scope="module")
