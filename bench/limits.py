@@ -11,7 +11,7 @@ them off. Each request needs two HTTP requests to the portal: one `batch` (read,
 `im.message.add`.
 
 Three runs, each on a reset sandbox (empty bucket) and a flushed private Redis (empty limiter):
-1. ours, default settings: the limiter uses B24_RATE_HEADROOM=0.8 of the plan's limits (1.6/s, burst 40);
+1. ours, default settings: the limiter uses B24_RATE_HEADROOM=0.8 of the plan's burst (2/s, burst 40);
 2. ours, B24_RATE_HEADROOM=1.0: the limiter uses the portal's full limit;
 3. naive (`bench.naive_client`): 4 threads straight to the portal, a 503 -> sleep 1 s and send again.
 
@@ -46,7 +46,7 @@ from bench.common import (
 )
 from bench.naive_client import NaiveClient, naive_posts
 from bench.worker import submit_requests
-from bitrix24.limits import PLAN_LIMITS
+from bitrix24.limits import DEFAULT_HEADROOM, PLAN_LIMITS, bucket_limits
 from jobs import policy, records
 
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     limits_text = (f"standard plan limits (rate {rate:g}/s, burst {burst})" if standard
                    else f"SCALED limits (rate {rate:g}/s, burst {burst}; standard is 2/s, 50)")
     expected_calls = 2 * n
-    timeout = min(600.0, 3 * bound(expected_calls, rate * 0.8, burst * 0.8) + 60)
+    timeout = min(600.0, 3 * bound(expected_calls, *bucket_limits("standard", rate, burst, DEFAULT_HEADROOM)) + 60)
 
     load_before = loadavg()
     stack = Stack("limits")
@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         line = (f"{name}: calls needed {r['needed']}, portal bound {b:.1f} s, measured {r['total']:.1f} s, "
                 f"ratio {r['total'] / b if b else float('nan'):.2f}")
         if name.startswith("ours, default"):
-            own = bound(r["needed"], rate * 0.8, burst * 0.8)
-            line += f" (bound of its own 80% share {own:.1f} s, ratio {r['total'] / own if own else float('nan'):.2f})"
+            own = bound(r["needed"], *bucket_limits("standard", rate, burst, DEFAULT_HEADROOM))
+            line += (f" (bound of the limits it gives itself, 80% of the burst, {own:.1f} s, "
+                     f"ratio {r['total'] / own if own else float('nan'):.2f})")
         line += f"; limit errors QUERY_LIMIT_EXCEEDED {r['qle']}, OPERATION_TIME_LIMIT {r['otl']}"
         if "retries" in r:
             line += f"; 503s {r['refused']}"
