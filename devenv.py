@@ -150,20 +150,21 @@ def start_sandbox(port: int | None = None, args: list[str] | None = None,
 
 
 def procfile_command(name: str) -> list[str]:
-    """The Procfile's command for a process, with its program taken from this virtualenv."""
+    """The Procfile's command for a process, with programs of this virtualenv (rq, gunicorn) by full path."""
     for line in (ROOT / "Procfile").read_text().splitlines():
         key, _, command = line.partition(":")
         if key.strip() == name:
-            argv = shlex.split(command)
-            argv[0] = str(Path(sys.executable).with_name(argv[0]))
-            return argv
+            bin_dir = Path(sys.executable).parent
+            return [str(bin_dir / arg) if (bin_dir / arg).exists() and "/" not in arg else arg
+                    for arg in shlex.split(command)]
     raise KeyError(f"no {name!r} process in the Procfile")
 
 
 def worker_argv(burst: bool = False) -> list[str]:
     """The Procfile's `rq worker` command line, for tests and benchmarks."""
     argv = procfile_command("worker")
-    return argv[:2] + ["--burst"] + argv[2:] if burst else argv
+    at = argv.index("worker") + 1
+    return argv[:at] + ["--burst"] + argv[at:] if burst else argv
 
 
 def start_worker(env: dict[str, str], log: Path | None = None, burst: bool = False) -> Process:
