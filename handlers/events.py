@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import werkzeug.formparser  # noqa: F401 - loaded with the app (preloaded in gunicorn's master), not on the first event
 from flask import Blueprint, request
 
 from handlers.intake import IntakeError, Reply, constant_time_in, services, submit
