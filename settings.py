@@ -254,9 +254,14 @@ class Settings(BaseSettings):
 
     def portal(self, name: str | None) -> Portal | None:
         """The portal by name; with no name, the only portal when exactly one is configured."""
-        if name is None:
-            return next(iter(self.portals.values())) if len(self.portals) == 1 else None
-        return self.portals.get(name)
+        return pick_portal(self._portals, name)
+
+
+def pick_portal(portals: dict[str, Portal], name: str | None) -> Portal | None:
+    """The portal by name; with no name, the only portal when exactly one is configured."""
+    if name is None:
+        return next(iter(portals.values())) if len(portals) == 1 else None
+    return portals.get(name)
 
 
 def split_list(value: str) -> list[str]:

@@ -16,7 +16,7 @@ from standardwebhooks.webhooks import Webhook
 from bitrix24.limits import LeakyBucket, OperatingBudget
 from jobs import policy, records
 from jobs.enqueue import Submitter
-from settings import CHAT_ID, Portal, Settings, is_loopback
+from settings import CHAT_ID, Portal, Settings, is_loopback, pick_portal
 
 log = logging.getLogger("b24cancel.web")
 
@@ -71,10 +71,8 @@ class Services:
                    api_keys=settings.api_keys, portals=dict(settings.portals))
 
     def portal(self, name: str | None) -> Portal | None:
-        """The portal by name; with no name, the only portal when exactly one is configured."""
-        if name is None:
-            return next(iter(self.portals.values())) if len(self.portals) == 1 else None
-        return self.portals.get(name)
+        """The portal by name, from the dict built at start-up (no settings lookup per request)."""
+        return pick_portal(self.portals, name)
 
 
 def services() -> Services:

@@ -35,4 +35,3 @@ for _portal in _settings.portals.values():
                                                                 "chat": _portal.chat, "rules": len(_portal.rules)})
 
 REDIS_URL = _settings.redis_url
-QUEUES = ["cancel", "notify"]
