@@ -170,11 +170,18 @@ class Settings(BaseSettings):
     # HTTP to Bitrix24. The cloud cuts any REST call at 60 s, so a longer read timeout only waits longer.
     b24_connect_timeout: float = Field(default=5.0, gt=0)
     b24_read_timeout: float = Field(default=30.0, gt=0)
+    # How long Bitrix24 may go on running one REST call on its side (the cloud cuts calls at 60 s). A call
+    # that got no answer may still take effect until then: the ambiguity rule waits this long (plus a
+    # margin) from when it was sent before anything that depends on its effect happens.
+    b24_execution_limit: float = Field(default=60.0, gt=0)
 
     trigger_api_keys: str = ""
     trigger_secrets: str = ""
 
     redis_url: str | None = None
+    # Replicas that must confirm a write (Redis WAIT) before it counts: the intake's 202 and every write
+    # that guards an effect outside Redis (document claim, "sent" note, report nonce). 0: the primary only.
+    redis_min_replicas: int = Field(default=0, ge=0)
     sentry_dsn: str | None = None
     sentry_environment: str = "production"
     release: str | None = None

@@ -36,6 +36,12 @@ OPERATING_DEFER = 60
 # longest step (a call with its connect and read timeouts, plus a limiter sleep) with room to spare. A
 # killed job's lease expires within this; a second copy of the job waits for it instead of re-sending.
 LEASE_SECONDS = 90
+# The ambiguity rule: after a call that got no answer, nothing that depends on its effect (re-read, re-send,
+# chat search) happens until the call can no longer be running on Bitrix24's side: its execution limit
+# (the setting B24_EXECUTION_LIMIT, 60 s in the cloud) plus this margin, counted from when it was sent.
+AMBIGUITY_MARGIN = 5.0
+# How long a replica has to confirm a guarding write (REDIS_MIN_REPLICAS) before the write counts as lost.
+REPLICA_WAIT_MS = 1000
 # Waits up to this long sleep inside the job; longer ones reschedule it through RQ's scheduler.
 MAX_SLEEP = 5.0
 
@@ -70,3 +76,8 @@ def transient_backoff(failures: int) -> int:
     """Seconds before the next try after `failures` transient failures: exponential, half of it random (equal jitter), >= 1."""
     ceiling = min(TRANSIENT_BACKOFF_CAP, TRANSIENT_BACKOFF_BASE * (2 ** max(failures - 1, 0)))
     return max(1, round(random.uniform(ceiling / 2, ceiling)))
+
+
+def settled_after(sent_at: float, execution_limit: float) -> float:
+    """When a call sent at `sent_at` (unix time) that got no answer can no longer be running on Bitrix24."""
+    return sent_at + execution_limit + AMBIGUITY_MARGIN
