@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
@@ -9,6 +11,10 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from jobs import policy, records
+from settings import BITRIX24_CALLER, PORTAL_NAME, SANDBOX_CALLER, key_sha256
+
+# Random bytes in a new API key (URL-safe base64, 43 characters): far past guessing.
+NEW_KEY_BYTES = 32
 
 
 @click.command("replay")
@@ -42,7 +48,33 @@ def check_config() -> None:
                    f"{len(portal.rules)} event rules")
 
 
+@click.command("new-key")
+@click.argument("name")
+def new_key(name: str) -> None:
+    """Print a fresh API key for caller NAME and the [callers.NAME] lines to paste into the portals file."""
+    if not PORTAL_NAME.match(name) or name in (SANDBOX_CALLER, BITRIX24_CALLER):
+        raise click.ClickException("NAME must be letters, digits, - or _ (and not sandbox or bitrix24)")
+    key = secrets.token_urlsafe(NEW_KEY_BYTES)
+    digest = key_sha256(key)
+    click.echo(f"API key for {name} (give it to the sender; only its hash is kept, so it cannot be shown again):")
+    click.echo(f"  {key}")
+    existing = current_app.extensions["b24cancel"].settings.callers.get(name)
+    if existing is not None:
+        hashes = ", ".join(f'"{h}"' for h in (*existing.key_hashes, digest))
+        click.echo(f"\nCaller {name} exists. To rotate, set in [callers.{name}] (old and new hash), deploy, switch "
+                   "the sender to the new key, then remove the old hash:")
+        click.echo(f"key_sha256 = [{hashes}]")
+        return
+    click.echo("\nPaste into the portals file (B24_PORTALS_FILE) and name its portals and chats:")
+    click.echo(f"[callers.{name}]")
+    click.echo(f'key_sha256 = "{digest}"')
+    click.echo('portals = []        # the portals it may use, e.g. ["shop"]')
+    click.echo('chats = []          # chats it may name in `chat` besides each portal\'s own, e.g. ["chat7"]')
+    click.echo("admin = false       # true: may read every request, /v1/portals and /v1/health")
+
+
 def init_app(app: Flask) -> None:
     """Register the commands on the app."""
     app.cli.add_command(replay)
     app.cli.add_command(check_config)
+    app.cli.add_command(new_key)

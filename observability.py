@@ -34,6 +34,7 @@ _secrets: list[str] = []
 def remember_secrets(settings: Settings) -> None:
     """Every configured secret value, so that masking finds it in any text."""
     values: list[str | None] = [*settings.api_keys, *settings.webhook_secrets]
+    values += [secret for caller in settings.callers.values() for secret in caller.secrets]
     for portal in settings.portals.values():
         values += [portal.application_token, portal.robot_secret]
         if portal.oauth:

@@ -5,6 +5,7 @@ Every layer may read settings; nothing else here does I/O beyond reading the env
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import tomllib
@@ -35,6 +36,21 @@ LOOPBACK_HOSTS = {"localhost"}
 # The variables that define the single portal `default` (the portals file replaces them all).
 SINGLE_PORTAL_FIELDS = ("b24_webhook_url", "b24_chat_id", "b24_application_token", "b24_robot_secret",
                         "b24_member_id", "b24_domain")
+
+
+# Caller names that the service itself gives: `default` (TRIGGER_API_KEYS / TRIGGER_SECRETS), `sandbox`
+# (SANDBOX_MODE's key) and `bitrix24` (the idempotency namespace of requests Bitrix24 makes).
+DEFAULT_CALLER = "default"
+SANDBOX_CALLER = "sandbox"
+BITRIX24_CALLER = "bitrix24"
+KEY_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# A chat a request may name in `chat`: a group chat, never a bare user id (a direct dialog).
+GROUP_CHAT = re.compile(r"^(chat|sg)[0-9]{1,18}\Z")
+
+
+def key_sha256(key: str) -> str:
+    """The lowercase hex SHA-256 of an API key, as `key_sha256` stores it."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class SettingsError(Exception):
@@ -112,6 +128,8 @@ class Portal:
     domain: str | None = None
     rules: tuple[dict[str, Any], ...] = ()
     oauth: OAuthApp | None = field(default=None, repr=False)
+    # Chats (besides `chat`) that a request for this portal may name in `chat`.
+    chats: frozenset[str] = frozenset()
 
     @property
     def base_url(self) -> str:
@@ -140,6 +158,25 @@ class Portal:
         """What may be shown about the portal: never a secret."""
         return {"name": self.name, "url": self.masked_url, "chat": self.chat, "plan": self.plan,
                 "language": self.language, "auth": "oauth app" if self.oauth else "incoming webhook"}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sends requests: its name, its keys (as SHA-256) or Standard Webhooks secrets, and its scopes."""
+
+    name: str
+    key_hashes: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    # The portals it may submit to; None: every portal.
+    portals: frozenset[str] | None = frozenset()
+    # Chats it may name in `chat` (each portal's own chat is always allowed).
+    chats: frozenset[str] = frozenset()
+    # May read every request, /v1/portals and the health details.
+    admin: bool = False
+
+    def may_use(self, portal: str) -> bool:
+        """Whether the caller may submit requests for this portal."""
+        return self.portals is None or portal in self.portals
 
 
 class Settings(BaseSettings):
@@ -232,6 +269,12 @@ class Settings(BaseSettings):
         return self.request_ttl_days * 86400
 
     _portals: dict[str, Portal] = PrivateAttr(default_factory=dict)
+    _callers: dict[str, Caller] = PrivateAttr(default_factory=dict)
+
+    @property
+    def callers(self) -> dict[str, Caller]:
+        """The callers by name: `default` from TRIGGER_API_KEYS / TRIGGER_SECRETS, and the portals file's."""
+        return self._callers
 
     @property
     def portals(self) -> dict[str, Portal]:
@@ -240,7 +283,7 @@ class Settings(BaseSettings):
 
     def _build_portals(self) -> None:
         if self.b24_portals_file:
-            self._portals = portals_from_file(Path(self.b24_portals_file))
+            self._portals, self._callers = portals_from_file(Path(self.b24_portals_file))
         elif self.b24_webhook_url:
             self._portals = {DEFAULT_PORTAL: Portal(
                 name=DEFAULT_PORTAL, webhook_url=self.b24_webhook_url, chat=self.b24_chat_id or "",
@@ -248,6 +291,20 @@ class Settings(BaseSettings):
                 language=self.b24_language, plan=self.b24_plan,
                 member_id=self.b24_member_id, domain=self.b24_domain,
             )}
+        if self.api_keys or self.webhook_secrets:
+            if DEFAULT_CALLER in self._callers:
+                raise SettingsError(f"invalid configuration:\n  TRIGGER_API_KEYS / TRIGGER_SECRETS and "
+                                    f"[callers.{DEFAULT_CALLER}]: both define the caller {DEFAULT_CALLER!r}; "
+                                    "rename the section")
+            default_hashes = {key_sha256(key) for key in self.api_keys} | set(self.webhook_secrets)
+            for caller in self._callers.values():
+                if default_hashes & {*caller.key_hashes, *caller.secrets}:
+                    raise SettingsError(f"invalid configuration:\n  TRIGGER_API_KEYS / TRIGGER_SECRETS and "
+                                        f"[callers.{caller.name}]: the same credential names two callers")
+            # Today's behaviour for the simple case: one caller with every portal that sees everything.
+            self._callers = {DEFAULT_CALLER: Caller(
+                name=DEFAULT_CALLER, key_hashes=tuple(key_sha256(key) for key in self.api_keys),
+                secrets=tuple(self.webhook_secrets), portals=None, admin=True), **self._callers}
 
     def portal_for_event(self, member_id: str | None, domain: str | None) -> Portal | None:
         """The portal an outgoing event comes from, by member_id, else by domain."""
@@ -296,6 +353,12 @@ def load_settings(**overrides: Any) -> Settings:
         problems.append("B24_OPERATING_MARGIN: must be less than B24_OPERATING_LIMIT")
     if settings.b24_webhook_url and not settings.b24_chat_id:
         problems.append("B24_CHAT_ID: required with B24_WEBHOOK_URL (the chat that receives the reports)")
+    from jobs.policy import FAILURE_TTL, RECORD_OUTLIVES_FAILURE  # constants only (a leaf module)
+
+    least_days = -(-(FAILURE_TTL + RECORD_OUTLIVES_FAILURE) // 86400)
+    if settings.request_ttl_days < least_days:
+        problems.append(f"REQUEST_TTL_DAYS: must be at least {least_days}: a failed job is kept "
+                        f"{FAILURE_TTL // 86400} days for replay, and its request record must outlive it")
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
     settings._build_portals()
@@ -350,6 +413,8 @@ class PortalConfig(BaseModel):
     language: Literal["en", "ru"] = "en"
     robot_secret: str | None = None
     rules: list[RuleConfig] = []
+    # Other chats a request for this portal may name in `chat` (the portal's own chat always may).
+    chats: list[str] = []
 
     @field_validator("webhook_url")
     @classmethod
@@ -376,6 +441,11 @@ class PortalConfig(BaseModel):
             raise ValueError("must be a chat like chat42 (or sg42, or a user id)")
         return value
 
+    @field_validator("chats")
+    @classmethod
+    def _chats(cls, value: list[str]) -> list[str]:
+        return group_chats(value)
+
     @model_validator(mode="after")
     def _credentials(self) -> PortalConfig:
         if (self.webhook_url is None) == (self.client_endpoint is None):
@@ -394,11 +464,65 @@ class PortalConfig(BaseModel):
                         server=self.oauth_server)
 
 
+def group_chats(value: list[str]) -> list[str]:
+    """Chats a request may name: group chats only (a bare user id would be a direct dialog)."""
+    for chat in value:
+        if not GROUP_CHAT.match(chat):
+            raise ValueError(f"{chat!r} is not a group chat like chat42 or sg42 (a request may never name a "
+                             "user's direct dialog)")
+    return value
+
+
+class CallerConfig(BaseModel):
+    """One [callers.<name>] section of the portals file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The SHA-256 of the caller's API key (lowercase hex), or several while a key is rotated.
+    key_sha256: str | list[str] = []
+    # Standard Webhooks secrets (whsec_...), several while one is rotated; kept as given (verifying needs them).
+    secret: str | list[str] = Field(default=[], repr=False)
+    portals: list[str] = []
+    chats: list[str] = []
+    admin: bool = False
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hashes(cls, value: str | list[str]) -> list[str]:
+        hashes = [value] if isinstance(value, str) else value
+        for item in hashes:
+            if not KEY_SHA256.match(item):
+                raise ValueError("must be the key's SHA-256 as 64 lowercase hex digits (flask --app app new-key "
+                                 "NAME prints it)")
+        return hashes
+
+    @field_validator("secret")
+    @classmethod
+    def _secrets(cls, value: str | list[str]) -> list[str]:
+        secrets = [value] if isinstance(value, str) else value
+        for item in secrets:
+            if not re.match(r"^whsec_[A-Za-z0-9+/]+={0,2}$", item):
+                raise ValueError("each secret must be whsec_ followed by base64 (Standard Webhooks format)")
+        return secrets
+
+    @field_validator("chats")
+    @classmethod
+    def _chats(cls, value: list[str]) -> list[str]:
+        return group_chats(value)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CallerConfig:
+        if not self.key_sha256 and not self.secret:
+            raise ValueError("give key_sha256 (an API key's hash) or secret (whsec_..., Standard Webhooks)")
+        return self
+
+
 PORTAL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def portals_from_file(path: Path) -> dict[str, Portal]:
-    """Read the portals file; raise SettingsError with one line per problem (never a secret value)."""
+def portals_from_file(path: Path) -> tuple[dict[str, Portal], dict[str, Caller]]:
+    """Read the portals file (portals and callers); raise SettingsError with one line per problem (never a
+    secret value)."""
     where = f"B24_PORTALS_FILE ({path})"
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -408,9 +532,10 @@ def portals_from_file(path: Path) -> dict[str, Portal]:
         raise SettingsError(f"invalid configuration:\n  {where}: not valid TOML (a name defined twice?): "
                             f"{exc}") from None
     problems: list[str] = []
-    unknown = sorted(set(data) - {"portals"})
+    unknown = sorted(set(data) - {"portals", "callers"})
     if unknown:
-        problems.append(f"{where}: unknown top-level key {unknown[0]!r} (expected [portals.<name>] sections)")
+        problems.append(f"{where}: unknown top-level key {unknown[0]!r} (expected [portals.<name>] and "
+                        "[callers.<name>] sections)")
     sections = data.get("portals") or {}
     if not isinstance(sections, dict) or not sections:
         problems.append(f"{where}: no [portals.<name>] section")
@@ -440,7 +565,53 @@ def portals_from_file(path: Path) -> dict[str, Portal]:
             application_token=config.application_token, robot_secret=config.robot_secret,
             language=config.language, plan=config.plan, member_id=config.member_id, domain=config.domain,
             rules=tuple(rule.model_dump() for rule in config.rules), oauth=config.app(),
+            chats=frozenset(config.chats),
         )
+    callers = callers_from_file(data.get("callers"), portals, where, problems)
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
-    return portals
+    return portals, callers
+
+
+def callers_from_file(sections: Any, portals: dict[str, Portal], where: str,
+                      problems: list[str]) -> dict[str, Caller]:
+    """The [callers.<name>] sections as callers; each problem appended as one line (never a secret)."""
+    if sections is None:
+        return {}
+    if not isinstance(sections, dict):
+        problems.append(f"{where}: callers must be [callers.<name>] sections")
+        return {}
+    callers: dict[str, Caller] = {}
+    owners: dict[str, str] = {}  # key hash or secret -> caller name, so no credential names two callers
+    for name, section in sections.items():
+        if not PORTAL_NAME.match(name):
+            problems.append(f"{where}: caller name {name!r} must be letters, digits, - or _")
+            continue
+        if name in (SANDBOX_CALLER, BITRIX24_CALLER):
+            problems.append(f"{where}: caller name {name!r} is reserved (the service gives it itself)")
+            continue
+        try:
+            config = CallerConfig.model_validate(section)
+        except ValidationError as exc:
+            for error in exc.errors():
+                loc = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
+                message = error["msg"].removeprefix("Value error, ")
+                if error["type"] == "extra_forbidden":
+                    message = "unknown key"
+                problems.append(f"{where}: callers.{name}.{loc}: {message}")
+            continue
+        for portal in config.portals:
+            if portal not in portals and portal != "*":
+                problems.append(f"{where}: callers.{name}.portals: no portal {portal!r} in this file")
+        hashes, secrets = list(config.key_sha256), list(config.secret)
+        for index, credential in enumerate([*hashes, *secrets]):
+            kind = "key_sha256" if index < len(hashes) else "secret"
+            if credential in owners:
+                problems.append(f"{where}: callers.{name}.{kind}: the same credential is given to caller "
+                                f"{owners[credential]!r}")
+            owners[credential] = name
+        callers[name] = Caller(
+            name=name, key_hashes=tuple(hashes), secrets=tuple(secrets),
+            portals=None if "*" in config.portals else frozenset(config.portals), chats=frozenset(config.chats),
+            admin=config.admin)
+    return callers

@@ -1,12 +1,12 @@
-"""Liveness, readiness and metrics."""
+"""Liveness and readiness (no credentials, nothing named), the health details (admin) and metrics."""
 
 from __future__ import annotations
 
 import redis
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 from rq import Worker
 
-from handlers.intake import Reply, held_back, services
+from handlers.intake import IntakeError, Reply, authenticate_trigger, held_back, require_admin, services
 from jobs import policy
 
 bp = Blueprint("health", __name__)
@@ -20,16 +20,26 @@ def healthz() -> Reply:
 
 @bp.get("/readyz")
 def readyz() -> Reply:
-    """Redis answers (and how many workers it has seen); 503 when it does not."""
-    svc = services()
+    """Whether this process can take requests (Redis answers): 200 or 503, naming no portal and no count."""
     try:
-        svc.redis.ping()
+        services().redis.ping()
+    except redis.RedisError:
+        raise IntakeError(503, "not ready: Redis is unreachable") from None
+    return {"status": "ready"}, 200
+
+
+@bp.get("/v1/health")
+def health() -> Reply:
+    """The details behind readiness, for admin callers: workers, queue depth and portals held back."""
+    svc = services()
+    require_admin(authenticate_trigger(request, svc))
+    try:
         workers = Worker.count(connection=svc.redis)
         depth = {name: svc.redis.llen(f"rq:queue:{name}") for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE)}
         holds = {name: hold for name in svc.settings.portals
                  if (hold := held_back(svc, name))["paused_methods"] or hold["slowed_until"]}
     except redis.RedisError:
-        return {"status": "unavailable", "redis": "unreachable"}, 503
+        raise IntakeError(503, "Redis is unreachable") from None
     return {"status": "ready", "redis": "ok", "workers": workers, "queue_depth": depth,
             "portals_held_back": holds}, 200
 

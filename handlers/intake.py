@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -16,7 +17,18 @@ from standardwebhooks.webhooks import Webhook
 from bitrix24.limits import LeakyBucket, OperatingBudget
 from jobs import policy, records
 from jobs.enqueue import Submitter
-from settings import CHAT_ID, Portal, Settings, is_loopback, pick_portal
+from settings import (
+    BITRIX24_CALLER,
+    CHAT_ID,
+    GROUP_CHAT,
+    SANDBOX_CALLER,
+    Caller,
+    Portal,
+    Settings,
+    is_loopback,
+    key_sha256,
+    pick_portal,
+)
 
 log = logging.getLogger("b24cancel.web")
 
@@ -48,8 +60,9 @@ class IntakeError(Exception):
         return body, self.status
 
 
-ERROR_NAMES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 415: "unsupported_media_type", 503: "unavailable", 500: "internal_error"}
+ERROR_NAMES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+               422: "idempotency_key_reused", 503: "unavailable", 500: "internal_error"}
 
 
 @dataclass
@@ -59,16 +72,35 @@ class Services:
     settings: Settings
     redis: redis.Redis
     submitter: Submitter
-    verifiers: list[Webhook]
-    api_keys: list[str] = field(default_factory=list)
+    # Every caller's key hashes (as bytes) and Standard Webhooks verifiers, with the caller they belong to.
+    keys: list[tuple[bytes, Caller]] = field(default_factory=list)
+    verifiers: list[tuple[Webhook, Caller]] = field(default_factory=list)
     portals: dict[str, Portal] = field(default_factory=dict)
+    # The portals each caller may submit to, by caller name.
+    portals_of: dict[str, dict[str, Portal]] = field(default_factory=dict)
+    # SANDBOX_MODE's caller (its key is accepted from loopback only), or None.
+    sandbox: tuple[bytes, Caller] | None = None
 
     @classmethod
     def build(cls, settings: Settings, conn: Redis) -> Services:
         """Everything the intake needs, from the settings."""
+        callers = list(settings.callers.values())
+        sandbox = None
+        if settings.sandbox_mode:
+            sandbox_caller = Caller(name=SANDBOX_CALLER, key_hashes=(key_sha256(SANDBOX_API_KEY),), portals=None,
+                                    admin=True)
+            sandbox = (bytes.fromhex(sandbox_caller.key_hashes[0]), sandbox_caller)
+            callers.append(sandbox_caller)
+        portals = dict(settings.portals)
         return cls(settings=settings, redis=conn, submitter=Submitter(conn, settings.request_ttl),
-                   verifiers=[Webhook(secret) for secret in settings.webhook_secrets],
-                   api_keys=settings.api_keys, portals=dict(settings.portals))
+                   keys=[(bytes.fromhex(digest), caller) for caller in settings.callers.values()
+                         for digest in caller.key_hashes],
+                   verifiers=[(Webhook(secret), caller) for caller in settings.callers.values()
+                              for secret in caller.secrets],
+                   portals=portals,
+                   portals_of={caller.name: {name: portal for name, portal in portals.items()
+                                             if caller.may_use(name)} for caller in callers},
+                   sandbox=sandbox)
 
     def portal(self, name: str | None) -> Portal | None:
         """The portal by name, from the dict built at start-up (no settings lookup per request)."""
@@ -88,29 +120,53 @@ def constant_time_in(given: str, allowed: list[str]) -> bool:
     return found
 
 
-def authenticate_trigger(req: Request, svc: Services) -> None:
-    """Bearer API key or a Standard Webhooks signature; raise 401 otherwise."""
-    header = req.headers.get("Authorization", "")
-    if header:
-        scheme, _, key = header.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise IntakeError(401, "Authorization must be 'Bearer <api key>'")
-        keys = svc.api_keys
-        if svc.settings.sandbox_mode and is_loopback(req.remote_addr or ""):
-            keys = [*keys, SANDBOX_API_KEY]
-        if not keys or not constant_time_in(key, keys):
-            raise IntakeError(401, "unknown API key")
-        return
+def authenticate_trigger(req: Request, svc: Services, signed: bool = False) -> Caller:
+    """The caller a request comes from: a Bearer API key, or (with `signed`, for POST /v1/cancel only) a
+    Standard Webhooks signature; raise 401 otherwise.
+
+    A request that carries `webhook-signature` is judged as signed whatever else it carries, so an added
+    `Authorization` header cannot turn a captured signed request into an unsigned one with a new key.
+    """
     if "webhook-signature" in req.headers:
+        if not signed:
+            raise IntakeError(401, "a signature authorizes only the POST /v1/cancel it was made for; send "
+                                   "'Authorization: Bearer <api key>'")
         if not svc.verifiers:
-            raise IntakeError(401, "signed requests are not configured (TRIGGER_SECRETS)")
+            raise IntakeError(401, "signed requests are not configured (TRIGGER_SECRETS or a caller's secret)")
         raw = req.get_data(cache=True)
         headers = {k.lower(): v for k, v in req.headers.items()}
-        if any(_signature_ok(verifier, raw, headers) for verifier in svc.verifiers):
-            return
+        for verifier, caller in svc.verifiers:
+            if _signature_ok(verifier, raw, headers):
+                return caller
         raise IntakeError(401, "invalid or stale webhook signature (timestamps must be within 5 minutes)")
-    raise IntakeError(401, "missing credentials: send 'Authorization: Bearer <api key>' or a signed request")
+    header = req.headers.get("Authorization", "")
+    if not header:
+        raise IntakeError(401, "missing credentials: send 'Authorization: Bearer <api key>' or a signed request")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise IntakeError(401, "Authorization must be 'Bearer <api key>'")
+    caller = caller_for_key(svc, key, sandbox=svc.sandbox is not None and is_loopback(req.remote_addr or ""))
+    if caller is None:
+        raise IntakeError(401, "unknown API key")
+    return caller
+
+
+def caller_for_key(svc: Services, key: str, sandbox: bool = False) -> Caller | None:
+    """The caller whose key this is: its SHA-256 compared with every caller's in constant time."""
+    digest = hashlib.sha256(key.encode()).digest()
+    found: Caller | None = None
+    candidates = svc.keys if not sandbox or svc.sandbox is None else [*svc.keys, svc.sandbox]
+    for candidate, caller in candidates:
+        if hmac.compare_digest(digest, candidate):
+            found = caller  # no early exit: every candidate is compared
+    return found
+
+
+def require_admin(caller: Caller) -> None:
+    """Refuse (403) a caller that is not an admin."""
+    if not caller.admin:
+        raise IntakeError(403, f"caller {caller.name!r} is not an admin (admin = true in its [callers] section)")
 
 
 def _signature_ok(verifier: Webhook, raw: bytes, headers: dict[str, str]) -> bool:
@@ -134,11 +190,11 @@ def parse_json_object(req: Request) -> dict[str, Any]:
     return body
 
 
-def choose_portal(svc: Services, name: Any) -> Portal:
-    """The named portal, or the only one; 404 when unknown."""
+def choose_portal(svc: Services, name: Any, caller: Caller | None = None) -> Portal:
+    """The named portal, or the only one (of the caller's); 404 when unknown or not the caller's, alike."""
     if name is not None and not isinstance(name, str):
         raise IntakeError(400, "portal must be a string", "portal")
-    portal = svc.portal(name)
+    portal = svc.portal(name) if caller is None else pick_portal(svc.portals_of.get(caller.name, {}), name)
     if portal is None:
         if name is None:
             raise IntakeError(400, "portal is required when several portals are configured", "portal")
@@ -190,16 +246,29 @@ def optional_text(body: dict[str, Any], field: str, limit: int) -> str | None:
     return value.strip() or None
 
 
-def optional_chat(value: Any) -> str | None:
+def optional_chat(value: Any, portal: Portal, caller: Caller | None = None) -> str | None:
+    """The chat a request names instead of the portal's: the portal's own, or one its or the caller's
+    `chats` list allows; never a bare user id (a direct dialog)."""
     if value is None:
         return None
     if not isinstance(value, str) or not CHAT_ID.match(value):
         raise IntakeError(400, "chat must look like chat42", "chat")
+    if not GROUP_CHAT.match(value):
+        raise IntakeError(400, "chat must be a group chat (chat42); a request may not name a person's dialog",
+                          "chat")
+    allowed = value == portal.chat or value in portal.chats or (caller is not None and value in caller.chats)
+    if not allowed:
+        raise IntakeError(400, f"chat {value} is not allowed: only the portal's chat, or one the portal's or the "
+                               "caller's chats list names", "chat")
     return value
 
 
-def cancel_request(body: dict[str, Any], portal: Portal, source: str, source_ref: str | None = None) -> dict[str, Any]:
-    """Validate a cancel body into the request stored on the record (JSON values only, never a secret)."""
+def cancel_request(body: dict[str, Any], portal: Portal, source: str, source_ref: str | None = None,
+                   caller: Caller | None = None) -> dict[str, Any]:
+    """Validate a cancel body into the request stored on the record (JSON values only, never a secret).
+
+    `caller` is who sent it (its name is stored: it owns the request); None for Bitrix24's own senders.
+    """
     unknown = sorted(set(body) - CANCEL_FIELDS)
     if unknown:
         raise IntakeError(400, f"unknown field {unknown[0]!r}", unknown[0])
@@ -214,9 +283,11 @@ def cancel_request(body: dict[str, Any], portal: Portal, source: str, source_ref
         request_["document_ids"] = document_ids(body.get("document_ids"))
     request_["reason"] = optional_text(body, "reason", MAX_REASON)
     request_["external_id"] = optional_text(body, "external_id", MAX_REFERENCE)
-    request_["chat"] = optional_chat(body.get("chat"))
+    request_["chat"] = optional_chat(body.get("chat"), portal, caller)
     if source_ref:
         request_["source_ref"] = source_ref
+    if caller is not None:
+        request_["caller"] = caller.name
     return request_
 
 
@@ -229,7 +300,7 @@ def idempotency_key(req: Request) -> str | None:
     A signed request uses its `webhook-id` only: it is covered by the signature, while another header is
     not, and a replayed signed request must not become a new request by changing it.
     """
-    signed = "Authorization" not in req.headers and "webhook-signature" in req.headers
+    signed = "webhook-signature" in req.headers  # judged as authenticate_trigger judges it
     key = req.headers.get("webhook-id") if signed else req.headers.get("Idempotency-Key")
     if key is None:
         return None
@@ -238,17 +309,32 @@ def idempotency_key(req: Request) -> str | None:
     return key
 
 
-def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: str = "cancel") -> Reply:
+def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: str = "cancel",
+           caller: Caller | None = None) -> Reply:
     """Record the request and enqueue its first job (`cancel` or `resolve`) in one round trip: 202 when
-    new, 200 for a repeat."""
-    request_id = records.request_id_for(request_["portal"], request_["source"], key)
+    new, 200 for a repeat, 422 when the key was used with another body.
+
+    The key is scoped by portal, source and caller (`caller` None: Bitrix24 made the request).
+    """
+    request_id = records.new_request_id()
+    idem = None
+    if key:
+        idem = records.idempotency_key(request_["portal"], request_["source"],
+                                       caller.name if caller is not None else BITRIX24_CALLER, key)
     try:
         result = svc.submitter.submit(request_id, request_, policy.FIRST_JOBS[first_job],
-                                      policy.first_job_id(first_job, request_id))
+                                      policy.first_job_id(first_job, request_id), idempotency_key=idem)
     except redis.RedisError:
         log.warning("redis unavailable at intake")
         raise IntakeError(503, "the service cannot store requests right now; retry later") from None
-    body: dict[str, Any] = {"request_id": request_id, "status_url": f"/v1/requests/{request_id}"}
+    if result.outcome == "key_reused":
+        raise IntakeError(422, "this idempotency key was already used with a different request; send a new "
+                               "key for a new request")
+    if result.outcome == "conflict":
+        log.error("submit refused: the new request's record or job hash already exists",
+                  extra={"request_id": request_id})
+        raise IntakeError(503, "the service could not store the request; retry later")
+    body: dict[str, Any] = {"request_id": result.request_id, "status_url": f"/v1/requests/{result.request_id}"}
     if not result.created:
         body["duplicate"] = True
     return body, 202 if result.created else 200

@@ -2,8 +2,10 @@
 
 RQ's own `enqueue` costs several round trips and has no "only if this key is new". We build the
 job with RQ (`Queue.create_job`, the JSON serializer) so it is a real RQ job that workers, `rq info`
-and the failed registry understand, then write it with one Lua script that first checks the request
-record: if it exists, the request is a repeat and nothing is written.
+and the failed registry understand, then write it with one Lua script. The script first looks up the
+sender's idempotency key: a repeat with the same body gets the first request's id, a repeat with another
+body is refused, and in both cases nothing is written. Otherwise it writes the record, the job and the
+idempotency key (which maps to the new random request id), all or nothing.
 
 Most of a job's fields are the same for every request (callbacks, retry policy, TTLs, origin). They
 are taken once, at start-up, from a template job that RQ builds, and written into the script; a
@@ -17,9 +19,10 @@ import json
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
+from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.callbacks import Callback
 from rq.exceptions import DuplicateJobError
@@ -40,11 +43,24 @@ PER_REQUEST_RECORD_FIELDS = ("request", "documents", "created_at", "updated_at")
 LUA_LITERAL = re.compile(r"^[\x20-\x7e]*$")
 
 SUBMIT_SCRIPT = """
--- KEYS[1] request record, KEYS[2] job hash, KEYS[3] queue list, KEYS[4] set of queues
+-- KEYS[1] request record, KEYS[2] job hash, KEYS[3] queue list, KEYS[4] set of queues,
+-- KEYS[5] idempotency key (absent when the sender gave none)
 -- ARGV[1] record TTL, ARGV[2] job id, ARGV[3] queue key, ARGV[4] request JSON, ARGV[5] documents JSON,
--- ARGV[6] unix time, ARGV[7] job data, ARGV[8] job time (RQ's format), ARGV[9] job description
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
+-- ARGV[6] unix time, ARGV[7] job data, ARGV[8] job time (RQ's format), ARGV[9] job description,
+-- ARGV[10] request id, ARGV[11] the request's fingerprint
+-- Returns {outcome, request id}: see SUBMIT_OUTCOMES.
+if KEYS[5] then
+  local seen = redis.call('HMGET', KEYS[5], 'id', 'fingerprint')
+  if seen[1] then
+    if seen[2] ~= ARGV[11] then
+      return {2, seen[1]}
+    end
+    return {0, seen[1]}
+  end
+end
+-- The ids are random, so these exist only if something else wrote them: never overwrite them.
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
+  return {3, ARGV[10]}
 end
 redis.call('HSET', KEYS[1], 'request', ARGV[4], 'documents', ARGV[5], 'created_at', ARGV[6],
            'updated_at', ARGV[6] %(record_constants)s)
@@ -53,16 +69,42 @@ redis.call('HSET', KEYS[2], 'data', ARGV[7], 'created_at', ARGV[8], 'enqueued_at
            'description', ARGV[9] %(job_constants)s)
 redis.call('RPUSH', KEYS[3], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[3])
-return 1
+if KEYS[5] then
+  redis.call('HSET', KEYS[5], 'id', ARGV[10], 'fingerprint', ARGV[11])
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[1]))
+end
+return {1, ARGV[10]}
 """
+# What the submit script answers, by its first value.
+SUBMIT_OUTCOMES = {0: "duplicate", 1: "created", 2: "key_reused", 3: "conflict"}
+
+
+
+Outcome = Literal["created", "duplicate", "key_reused", "conflict"]
 
 
 @dataclass(frozen=True)
 class Submitted:
-    """The outcome of a submit: the request id and whether this call created it."""
+    """The outcome of a submit and the request id it concerns.
+
+    `created`: a new request; `duplicate`: a repeat of the key with the same body (the first request's
+    id); `key_reused`: the key was used with another body (the first request's id, not to be shown);
+    `conflict`: the new id's record or job hash already existed (written by something else), nothing written.
+    """
 
     request_id: str
-    created: bool
+    outcome: Outcome
+
+    @property
+    def created(self) -> bool:
+        return self.outcome == "created"
+
+    @classmethod
+    def read(cls, reply: list[Any]) -> Submitted:
+        """The outcome from the submit script's reply."""
+        code, request_id = reply
+        text = request_id.decode() if isinstance(request_id, bytes) else str(request_id)
+        return cls(request_id=text, outcome=SUBMIT_OUTCOMES[int(code)])  # type: ignore[arg-type]
 
 
 def build_job(queue: Queue, func: str, request_id: str, job_id: str) -> Any:
@@ -120,19 +162,30 @@ class Submitter:
         return self._scripts[key]
 
     def submit(self, request_id: str, request: dict[str, Any], func: str, job_id: str,
-               queue: str = policy.CANCEL_QUEUE) -> Submitted:
-        """Write the record and enqueue `func(request_id)` unless the record exists; one round trip."""
+               queue: str = policy.CANCEL_QUEUE, idempotency_key: str | None = None) -> Submitted:
+        """Write the record, enqueue `func(request_id)` and map the idempotency key to it, unless the key is
+        known already; one round trip (see `call` to run it in a pipeline of your own)."""
+        return Submitted.read(self.call(self.conn, request_id, request, func, job_id, queue, idempotency_key))
+
+    def call(self, client: redis.Redis | Pipeline, request_id: str, request: dict[str, Any], func: str,
+             job_id: str, queue: str = policy.CANCEL_QUEUE, idempotency_key: str | None = None) -> Any:
+        """Run the submit script on `client`: a connection answers its reply (read it with `Submitted.read`);
+        a pipeline only queues it, and its reply is then among the pipeline's results."""
         q = self.queues[queue]
         script = self._script(q, func)
         record = records.new_record(request)
         data = zlib.compress(JSONSerializer.dumps([func, None, [request_id], {}]))
-        created = script(
-            keys=[records.request_key(request_id), f"{q.job_class.redis_job_namespace_prefix}{job_id}", q.key,
-                  Queue.redis_queues_keys],
+        keys = [records.request_key(request_id), f"{q.job_class.redis_job_namespace_prefix}{job_id}", q.key,
+                Queue.redis_queues_keys]
+        if idempotency_key:
+            keys.append(idempotency_key)
+        return script(
+            keys=keys,
             args=[self.record_ttl, job_id, q.key, record["request"], record["documents"], record["created_at"],
-                  data, utcformat(now()), f"{func.rsplit('.', 1)[-1]}({request_id})"],
+                  data, utcformat(now()), f"{func.rsplit('.', 1)[-1]}({request_id})", request_id,
+                  records.fingerprint(request) if idempotency_key else ""],
+            client=client,
         )
-        return Submitted(request_id=request_id, created=bool(created))
 
 
 # A follow-up job with the same id in one of these states is already on its way: leave it.

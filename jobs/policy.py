@@ -14,6 +14,11 @@ JOB_TIMEOUT = 600
 RESULT_TTL = 3600
 # Failed jobs stay where `rq requeue` can replay them for a week, not RQ's default of a year.
 FAILURE_TTL = 7 * 86400
+# A request record (and its idempotency key) must outlive its failed job, or a replay would run a job
+# whose record is gone. A job fails at most this long after its request came in (its deferrals waiting
+# for limits, DEFER_MAX times up to OPERATING_DEFER, come to about a day and a half), so REQUEST_TTL_DAYS
+# must be at least FAILURE_TTL plus this: the service refuses to start otherwise.
+RECORD_OUTLIVES_FAILURE = 2 * 86400
 
 # Crashes and abandoned jobs (a killed worker) are retried by RQ this often, at these intervals.
 # Bitrix24 errors never use this budget: the job classifies them and reschedules itself.

@@ -1,20 +1,25 @@
 """The request record: one Redis hash per request, written at intake and updated by the jobs.
 
-It lives `REQUEST_TTL` (a setting, 14 days by default), independent of RQ's result TTLs, and its
-existence is also the idempotency marker: the request id is derived from the idempotency key.
+It lives `REQUEST_TTL` (a setting, 14 days by default), independent of RQ's result TTLs. Request ids are
+random and unguessable; a sender's idempotency key maps to one through its own key (`b24c:idem:<hash>`,
+scoped by portal, source and caller), written in the same round trip as the record and living as long.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
-import uuid
 from typing import Any, Literal
 
 import redis
 
 KEY_PREFIX = "b24c:req:"
+IDEMPOTENCY_PREFIX = "b24c:idem:"
+# Request fields that describe one delivery rather than the request: a repeat may differ in them
+# (Bitrix24 sends the same event through each handler registered for it, with the handler's id).
+DELIVERY_FIELDS = frozenset({"event_handler_id"})
 
 State = Literal["queued", "running", "retrying", "done", "failed"]
 
@@ -24,12 +29,21 @@ def request_key(request_id: str) -> str:
     return KEY_PREFIX + request_id
 
 
-def request_id_for(portal: str, source: str, idempotency_key: str | None) -> str:
-    """The request id: a hash of (portal, source, key), or random when the sender gave no key."""
-    if not idempotency_key:
-        return uuid.uuid4().hex
-    digest = hashlib.sha256(f"{portal}\x00{source}\x00{idempotency_key}".encode()).hexdigest()
-    return digest[:32]
+def new_request_id() -> str:
+    """A fresh request id: 128 random bits as 32 hex digits, so nobody can guess another's request."""
+    return secrets.token_hex(16)
+
+
+def idempotency_key(portal: str, source: str, caller: str, key: str) -> str:
+    """The Redis key that maps a sender's idempotency key to its request id, scoped by caller."""
+    digest = hashlib.sha256(f"{portal}\x00{source}\x00{caller}\x00{key}".encode()).hexdigest()
+    return IDEMPOTENCY_PREFIX + digest[:32]
+
+
+def fingerprint(request: dict[str, Any]) -> str:
+    """A hash of the validated request (canonical JSON): a repeat under the same key must match it."""
+    canonical = {k: v for k, v in request.items() if k not in DELIVERY_FIELDS}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 def new_record(request: dict[str, Any], state: State = "queued") -> dict[str, str]:
@@ -115,13 +129,14 @@ def iso(ts: str | float | None) -> str | None:
 
 
 def public_view(record: dict[str, Any]) -> dict[str, Any]:
-    """The record as the status API shows it: no secrets, times in ISO 8601."""
+    """The record as the status API shows it: no secrets (the caller is a name), times in ISO 8601."""
     request = record.get("request") or {}
     view: dict[str, Any] = {
         "request_id": record["id"],
         "state": record.get("state"),
         "portal": request.get("portal"),
         "source": request.get("source"),
+        "caller": request.get("caller"),
         "source_ref": request.get("source_ref"),
         "reason": request.get("reason"),
         "external_id": request.get("external_id"),

@@ -93,10 +93,13 @@ def test_repeat_after_request_finished_still_enqueues_nothing(client: FlaskClien
 
 
 def test_record_and_key_live_for_the_retention_setting(redis_conn: redis.Redis, redis_url: str) -> None:
-    client = make_app(redis_url, request_ttl_days=3).test_client()
+    client = make_app(redis_url, request_ttl_days=10).test_client()
     request_id = post(client, GOOD, {"Idempotency-Key": "ttl"}).get_json()["request_id"]
     ttl = redis_conn.ttl(f"b24c:req:{request_id}")
-    assert 3 * 86400 - 5 <= ttl <= 3 * 86400
+    assert 10 * 86400 - 5 <= ttl <= 10 * 86400
+    [idem] = redis_conn.keys("b24c:idem:*")
+    assert redis_conn.hget(idem, "id") == request_id.encode()
+    assert 10 * 86400 - 5 <= redis_conn.ttl(idem) <= 10 * 86400
 
 
 def test_without_key_every_request_is_new(client: FlaskClient, redis_conn: redis.Redis) -> None:

@@ -126,7 +126,7 @@ def test_report_speaks_russian_and_stays_under_the_message_limit() -> None:
 
 
 @pytest.mark.parametrize("name, value", [
-    ("request_ttl_days", 0), ("b24_rate_limit", 0), ("b24_rate_burst", 0), ("b24_read_timeout", 0),
+    ("request_ttl_days", 0), ("request_ttl_days", 8), ("b24_rate_limit", 0), ("b24_rate_burst", 0), ("b24_read_timeout", 0),
     ("b24_operating_margin", 500),
 ])
 def test_settings_that_would_break_jobs_are_refused_at_start(name: str, value: Any) -> None:
