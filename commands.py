@@ -11,7 +11,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from jobs import policy, records
-from settings import BITRIX24_CALLER, PORTAL_NAME, SANDBOX_CALLER, key_sha256
+from settings import BITRIX24_CALLER, DEFAULT_CALLER, PORTAL_NAME, SANDBOX_CALLER, key_sha256
 
 # Random bytes in a new API key (URL-safe base64, 43 characters): far past guessing.
 NEW_KEY_BYTES = 32
@@ -50,6 +50,7 @@ def check_config() -> None:
 
 @click.command("new-key")
 @click.argument("name")
+@with_appcontext
 def new_key(name: str) -> None:
     """Print a fresh API key for caller NAME and the [callers.NAME] lines to paste into the portals file."""
     if not PORTAL_NAME.match(name) or name in (SANDBOX_CALLER, BITRIX24_CALLER):
@@ -58,7 +59,12 @@ def new_key(name: str) -> None:
     digest = key_sha256(key)
     click.echo(f"API key for {name} (give it to the sender; only its hash is kept, so it cannot be shown again):")
     click.echo(f"  {key}")
-    existing = current_app.extensions["b24cancel"].settings.callers.get(name)
+    settings = current_app.extensions["b24cancel"].settings
+    existing = settings.callers.get(name)
+    if name == DEFAULT_CALLER and (settings.api_keys or settings.webhook_secrets):
+        click.echo("\nCaller default is TRIGGER_API_KEYS. To rotate, add this key to it (comma-separated), deploy, "
+                   "switch the sender to the new key, then remove the old one.")
+        return
     if existing is not None:
         hashes = ", ".join(f'"{h}"' for h in (*existing.key_hashes, digest))
         click.echo(f"\nCaller {name} exists. To rotate, set in [callers.{name}] (old and new hash), deploy, switch "

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -510,6 +511,15 @@ class CallerConfig(BaseModel):
     def _chats(cls, value: list[str]) -> list[str]:
         return group_chats(value)
 
+    @field_validator("portals")
+    @classmethod
+    def _portals(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        known = (info.context or {}).get("portals", ())
+        unknown = [name for name in value if name not in known and name != "*"]
+        if unknown:
+            raise ValueError(f"no portal {unknown[0]!r} in this file (\"*\" means every portal)")
+        return value
+
     @model_validator(mode="after")
     def _credentials(self) -> CallerConfig:
         if not self.key_sha256 and not self.secret:
@@ -591,7 +601,7 @@ def callers_from_file(sections: Any, portals: dict[str, Portal], where: str,
             problems.append(f"{where}: caller name {name!r} is reserved (the service gives it itself)")
             continue
         try:
-            config = CallerConfig.model_validate(section)
+            config = CallerConfig.model_validate(section, context={"portals": portals})
         except ValidationError as exc:
             for error in exc.errors():
                 loc = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
@@ -600,9 +610,6 @@ def callers_from_file(sections: Any, portals: dict[str, Portal], where: str,
                     message = "unknown key"
                 problems.append(f"{where}: callers.{name}.{loc}: {message}")
             continue
-        for portal in config.portals:
-            if portal not in portals and portal != "*":
-                problems.append(f"{where}: callers.{name}.portals: no portal {portal!r} in this file")
         hashes, secrets = list(config.key_sha256), list(config.secret)
         for index, credential in enumerate([*hashes, *secrets]):
             kind = "key_sha256" if index < len(hashes) else "secret"

@@ -56,7 +56,8 @@ HOST = "127.0.0.1"  # the benchmark only ever talks to this machine
 GUNICORN_CONFIG = ROOT / "gunicorn.conf.py"
 API_KEY = "bench-key"
 BODY = '{"document_ids": [142, 143], "reason": "bench"}'
-PORTAL, SOURCE = "default", "api"  # what our intake derives request ids from, with the key
+# What our intake scopes an Idempotency-Key by: TRIGGER_API_KEYS is the caller `default`.
+PORTAL, SOURCE, CALLER = "default", "api", "default"
 APPS = {
     "bare": "bench.baselines:bare_app",
     "naive": "bench.baselines:naive_app",
@@ -262,9 +263,10 @@ def start_gunicorn(spec: str, env: dict[str, str], log: Path) -> devenv.Process:
     return proc
 
 
-def request_id_for(key: str) -> str:
-    """Our request id for an Idempotency-Key (jobs.records.request_id_for, recomputed independently)."""
-    return hashlib.sha256(f"{PORTAL}\x00{SOURCE}\x00{key}".encode()).hexdigest()[:32]
+def idempotency_key_for(key: str) -> str:
+    """The Redis key our intake maps an Idempotency-Key to (jobs.records.idempotency_key, recomputed
+    independently)."""
+    return "b24c:idem:" + hashlib.sha256(f"{PORTAL}\x00{SOURCE}\x00{CALLER}\x00{key}".encode()).hexdigest()[:32]
 
 
 def scan_keys(conn: Any, pattern: str) -> list[bytes]:
@@ -314,11 +316,23 @@ def check_ours(conn: Any, result: WrkResult, run_id: str) -> tuple[bool, list[st
            f"202 answers = request records: {c['s202']} vs {len(records)}"
            + ("" if exact else f" (the {in_flight} extra are requests wrk had sent when its time ran out and the "
                                 f"server completed after it stopped reading; {unanswered} were unanswered)"))
-    # Every record belongs to a key wrk sent in this run, and every sent key has at most one record.
-    sent_ids = {request_id_for(f"{run_id}-{tid}-{n}") for tid, count in result.sent_per_thread.items()
-                for n in range(1, count + 1)}
-    strays = records - sent_ids
-    expect(not strays, f"every record is for a key wrk sent ({len(sent_ids)} keys sent): {len(strays)} strays")
+    # Every record belongs to a key wrk sent in this run, and every sent key has at most one record: the
+    # idempotency keys are all keys wrk sent and map one to one onto the records.
+    sent_keys = {idempotency_key_for(f"{run_id}-{tid}-{n}") for tid, count in result.sent_per_thread.items()
+                 for n in range(1, count + 1)}
+    idem_keys = [k.decode() for k in scan_keys(conn, "b24c:idem:*")]
+    strays = set(idem_keys) - sent_keys
+    mapped: list[bytes | None] = []
+    for start in range(0, len(idem_keys), 5000):
+        pipe = conn.pipeline(transaction=False)
+        for key in idem_keys[start:start + 5000]:
+            pipe.hget(key, "id")
+        mapped += pipe.execute()
+    mapped_ids = {m.decode() for m in mapped if m}
+    expect(not strays and len(mapped_ids) == len(idem_keys) and mapped_ids == records,
+           f"every record is for a key wrk sent ({len(sent_keys)} keys sent): {len(strays)} strays; "
+           f"{len(idem_keys)} idempotency keys map one to one onto the {len(records)} records: "
+           f"{mapped_ids == records}")
     listed_ids = [j.removeprefix("cancel-") for j in queued]
     missing_hash = [j for j, there in zip(queued, exists_many(conn, [f"rq:job:{j}" for j in queued])) if not there]
     missing_rec = [j for j, rid in zip(queued, listed_ids) if rid not in records]

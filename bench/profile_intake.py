@@ -123,8 +123,9 @@ def run(args: argparse.Namespace) -> None:
 
     def submit_only() -> None:
         counter[0] += 1
-        rid = records.request_id_for("default", "api", f"s-{counter[0]}")
-        real_submit(rid, request_, "jobs.cancel.cancel_documents", policy.cancel_job_id(rid))
+        rid = records.new_request_id()
+        real_submit(rid, request_, "jobs.cancel.cancel_documents", policy.cancel_job_id(rid),
+                    idempotency_key=records.idempotency_key("default", "api", "default", f"s-{counter[0]}"))
 
     print("un-profiled cost per call (best of 3 x 2000), wall / CPU of this process:")
     rows: list[tuple[str, Callable[[], object]]] = [
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> None:
     for label, fn in rows:
         wall, used = cost(fn)
         print(f"  {label:58s} {wall:7.0f} us / {used:5.0f} us")
-    svc.submitter.submit = lambda *a, **k: Submitted("0" * 32, True)  # type: ignore[method-assign]
+    svc.submitter.submit = lambda *a, **k: Submitted("0" * 32, "created")  # type: ignore[method-assign]
     wall, used = cost(post)
     print(f"  {'POST with Submitter.submit stubbed out':58s} {wall:7.0f} us / {used:5.0f} us")
     svc.submitter.submit = real_submit  # type: ignore[method-assign]

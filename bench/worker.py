@@ -69,10 +69,11 @@ def submit_requests(conn: redis.Redis, phase: str, doc_ids: list[int]) -> tuple[
     started = time.time()
     for doc_id in doc_ids:
         key = f"thr-{phase}-{doc_id}"
-        request_id = records.request_id_for(PORTAL, SOURCE, key)
+        request_id = records.new_request_id()
         request = {"portal": PORTAL, "source": SOURCE, "document_ids": [doc_id], "reason": f"bench {phase}",
                    "external_id": None, "chat": None}
-        result = submitter.submit(request_id, request, "jobs.cancel.cancel_documents", policy.cancel_job_id(request_id))
+        result = submitter.submit(request_id, request, "jobs.cancel.cancel_documents", policy.cancel_job_id(request_id),
+                                  idempotency_key=records.idempotency_key(PORTAL, SOURCE, "bench", key))
         if not result.created:
             raise RuntimeError(f"request {request_id} already existed")
         ids.append(request_id)

@@ -206,7 +206,9 @@ def test_redis_down_gets_503_and_nothing_is_claimed(tmp_path: Any) -> None:
     response = post(client, GOOD, {"Idempotency-Key": "while-down"})
     assert response.status_code == 503
     assert response.get_json()["error"] == "unavailable"
-    assert client.get("/readyz").status_code == 503
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert set(ready.get_json()) == {"error", "message"} and ready.get_json()["error"] == "unavailable"
     assert client.get("/healthz").status_code == 200
 
 
@@ -240,7 +242,9 @@ def test_sandbox_key_works_only_in_sandbox_mode_from_loopback(redis_conn: redis.
     plain = make_app(redis_url).test_client()
     assert post(plain, GOOD, bearer("sandbox")).status_code == 401
     sandbox = make_app(redis_url, sandbox_mode=True).test_client()
-    assert post(sandbox, GOOD, bearer("sandbox")).status_code == 202
+    accepted = post(sandbox, GOOD, bearer("sandbox"))
+    assert accepted.status_code == 202
+    assert sandbox.get(accepted.get_json()["status_url"], headers=bearer("sandbox")).get_json()["caller"] == "sandbox"
     remote = post(sandbox, GOOD, bearer("sandbox"), environ_base={"REMOTE_ADDR": "10.1.2.3"})
     assert remote.status_code == 401
 
@@ -294,3 +298,18 @@ def test_robot_refuses_unknown_portals_like_wrong_keys_and_odd_ids(client: Flask
     status = client.get(numbers.get_json()["status_url"], headers=bearer()).get_json()
     assert [d["number"] for d in status["documents"]] == ["RMA 2291", "RMA 2292"]
     assert post(client, {"document_ids": [2**31]}).status_code == 400
+
+
+def test_submit_never_overwrites_a_job_hash_it_did_not_write(client: FlaskClient, redis_conn: redis.Redis,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import records
+
+    taken = "f" * 32
+    redis_conn.hset(f"rq:job:cancel-{taken}", mapping={"status": "finished", "data": "someone else's"})
+    monkeypatch.setattr(records, "new_request_id", lambda: taken)
+    response = post(client, GOOD, {"Idempotency-Key": "collides"})
+    assert response.status_code == 503
+    assert response.get_json()["error"] == "unavailable"
+    assert redis_conn.hgetall(f"rq:job:cancel-{taken}") == {b"status": b"finished", b"data": b"someone else's"}
+    assert queued(redis_conn) == []
+    assert redis_conn.keys("b24c:*") == []  # neither a record nor the idempotency key

@@ -256,13 +256,17 @@ def test_metrics_show_what_the_workers_did(client: FlaskClient, portal: SandboxV
 
 def test_a_second_run_of_a_request_waits_for_the_one_holding_it(
         client: FlaskClient, portal: SandboxView, redis_proc: devenv.Process) -> None:
-    from jobs import records
+    from jobs import policy, records
     from jobs.lifecycle import lease_key
 
     conn = redis.Redis.from_url(redis_proc.url)
-    request_id = records.request_id_for("default", "api", "leased")
+    request_id = records.new_request_id()  # submitted under an id we know beforehand, as the intake would
     conn.set(lease_key("cancel", request_id), "another-run", px=3000)  # as if an earlier copy still ran
-    assert submit(client, "leased", document_ids=[2]) == request_id
+    request_ = {"portal": "default", "source": "api", "document_ids": [2], "reason": None, "external_id": None,
+                "chat": None}
+    submitted = app_of(client).extensions["b24cancel"].submitter.submit(
+        request_id, request_, policy.FIRST_JOBS["cancel"], policy.cancel_job_id(request_id))
+    assert submitted.created
     time.sleep(1.5)
     assert cancel_calls(portal, 2) == []  # nothing sent while the other run holds the request
     state = finished(client, request_id)
@@ -277,7 +281,7 @@ def test_a_job_that_fails_for_good_ends_its_request_and_reports_it(
     from jobs import hooks, records
 
     conn = redis.Redis.from_url(redis_proc.url)
-    request_id = records.request_id_for("default", "api", "crashed")
+    request_id = records.new_request_id()
     conn.hset(records.request_key(request_id), mapping=records.new_record(
         {"portal": "default", "source": "api", "document_ids": [3]}, state="running"))
     conn.expire(records.request_key(request_id), 3600)

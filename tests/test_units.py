@@ -11,7 +11,7 @@ import observability
 from bitrix24.client import Bitrix24Client, php_query
 from bitrix24.errors import Bitrix24Error
 from jobs import report
-from settings import Portal, SettingsError, load_settings, mask_webhook_url
+from settings import Portal, SettingsError, key_sha256, load_settings, mask_webhook_url
 
 WEBHOOK = "https://example.bitrix24.com/rest/1/abc123secret/"
 
@@ -132,3 +132,91 @@ def test_report_speaks_russian_and_stays_under_the_message_limit() -> None:
 def test_settings_that_would_break_jobs_are_refused_at_start(name: str, value: Any) -> None:
     with pytest.raises(SettingsError, match=name.upper()):
         load_settings(_env_file=None, **{name: value})
+
+
+CALLERS_PORTAL = """
+[portals.shop]
+webhook_url = "https://shop.bitrix24.com/rest/1/shopcode/"
+chat = "chat1"
+"""
+
+
+def test_callers_are_validated_one_line_per_problem_without_secrets(tmp_path: Any) -> None:
+    path = tmp_path / "portals.toml"
+    path.write_text(CALLERS_PORTAL + """
+[callers.a]
+key_sha256 = "ABCDEF"
+portals = ["elsewhere"]
+[callers.b]
+secret = "notwhsec-topsecret"
+[callers.c]
+key_sha256 = "%s"
+chats = ["12"]
+[callers.d]
+portals = ["shop"]
+[callers.bitrix24]
+key_sha256 = "%s"
+[callers.g]
+key_sha256 = "%s"
+[callers.e]
+key_sha256 = "%s"
+[callers.f]
+key_sha256 = "%s"
+colour = "red"
+""" % (key_sha256("k1"), key_sha256("k2"), key_sha256("k5"), key_sha256("k5"), key_sha256("k3")))
+    with pytest.raises(SettingsError) as info:
+        load_settings(_env_file=None, b24_portals_file=str(path))
+    lines = str(info.value).splitlines()[1:]
+    expected = ["callers.a.key_sha256", "callers.a.portals", "callers.b.secret", "callers.c.chats", "callers.d",
+                "'bitrix24' is reserved", "callers.f.colour", "callers.e.key_sha256: the same credential"]
+    for part in expected:
+        assert sum(part in line for line in lines) == 1, (part, lines)
+    assert "topsecret" not in str(info.value)
+
+
+def test_trigger_keys_make_the_admin_caller_default_beside_the_files_callers(tmp_path: Any) -> None:
+    path = tmp_path / "portals.toml"
+    path.write_text(CALLERS_PORTAL + f"""
+[portals.shop2]
+webhook_url = "https://shop2.bitrix24.com/rest/1/shopcode/"
+chat = "chat2"
+chats = ["chat5"]
+[callers.warehouse]
+key_sha256 = ["{key_sha256("old")}", "{key_sha256("new")}"]
+portals = ["shop"]
+chats = ["chat7"]
+""")
+    settings = load_settings(_env_file=None, b24_portals_file=str(path), trigger_api_keys="k1,k2")
+    default, warehouse = settings.callers["default"], settings.callers["warehouse"]
+    assert default.admin and default.may_use("shop2") and default.key_hashes == (key_sha256("k1"), key_sha256("k2"))
+    assert not warehouse.admin and warehouse.may_use("shop") and not warehouse.may_use("shop2")
+    assert warehouse.chats == {"chat7"} and settings.portals["shop2"].chats == {"chat5"}
+    assert "old" not in repr(warehouse) or key_sha256("old") in repr(warehouse)  # hashes only, never keys
+    with pytest.raises(SettingsError, match="both define the caller 'default'"):
+        path.write_text(CALLERS_PORTAL + f'[callers.default]\nkey_sha256 = "{key_sha256("x")}"\n')
+        load_settings(_env_file=None, b24_portals_file=str(path), trigger_api_keys="k1")
+
+
+def test_new_key_prints_a_key_whose_hash_makes_a_working_caller(tmp_path: Any) -> None:
+    import re
+
+    from app import create_app
+
+    app = create_app({"_env_file": None, "redis_url": "redis://127.0.0.1:9/0",
+                      "b24_webhook_url": WEBHOOK, "b24_chat_id": "chat1", "trigger_api_keys": "k1"})
+    out = app.test_cli_runner().invoke(args=["new-key", "warehouse"]).output
+    key = out.splitlines()[1].strip()
+    assert len(key) >= 40
+    section = out[out.index("[callers.warehouse]"):]
+    assert f'key_sha256 = "{key_sha256(key)}"' in section and key not in section
+    path = tmp_path / "portals.toml"
+    path.write_text(CALLERS_PORTAL + section.replace("portals = []", 'portals = ["shop"]'))
+    caller = load_settings(_env_file=None, b24_portals_file=str(path)).callers["warehouse"]
+    assert caller.key_hashes == (key_sha256(key),) and caller.may_use("shop") and not caller.admin
+    again = app.test_cli_runner().invoke(args=["new-key", "warehouse"]).output
+    assert again.splitlines()[1].strip() != key
+    assert "add this key to it" in app.test_cli_runner().invoke(args=["new-key", "default"]).output
+    path.write_text(CALLERS_PORTAL + f'[callers.warehouse]\nkey_sha256 = "{key_sha256("k1")}"\n')
+    filed = create_app({"_env_file": None, "redis_url": "redis://127.0.0.1:9/0", "b24_portals_file": str(path)})
+    rotate = filed.test_cli_runner().invoke(args=["new-key", "warehouse"]).output
+    assert re.search(rf'key_sha256 = \["{key_sha256("k1")}", "[0-9a-f]{{64}}"\]', rotate)
