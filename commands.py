@@ -41,11 +41,17 @@ def replay(request_id: str) -> None:
 @click.command("check-config")
 @with_appcontext
 def check_config() -> None:
-    """Print the configured portals (secrets masked); the settings were validated when the app started."""
-    for portal in current_app.extensions["b24cancel"].portals.values():
+    """Print the configured portals and callers (secrets masked); the settings were validated at start-up."""
+    svc = current_app.extensions["b24cancel"]
+    for portal in svc.portals.values():
         info = portal.public()
         click.echo(f"{info['name']}: {info['url']} ({info['auth']}), chat {info['chat']}, plan {info['plan']}, "
                    f"{len(portal.rules)} event rules")
+    for caller in svc.settings.callers.values():
+        portals = "every portal" if caller.portals is None else ", ".join(sorted(caller.portals)) or "no portal"
+        click.echo(f"caller {caller.name}: {len(caller.key_hashes)} key(s), {len(caller.secrets)} secret(s); "
+                   f"{portals}; chats {', '.join(sorted(caller.chats)) or 'none of its own'}"
+                   f"{'; admin' if caller.admin else ''}")
 
 
 @click.command("new-key")
