@@ -146,10 +146,10 @@ def authenticate_trigger(req: Request, svc: Services, signed: bool = False) -> C
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise IntakeError(401, "Authorization must be 'Bearer <api key>'")
-    caller = caller_for_key(svc, key, sandbox=svc.sandbox is not None and is_loopback(req.remote_addr or ""))
-    if caller is None:
+    found = caller_for_key(svc, key, sandbox=svc.sandbox is not None and is_loopback(req.remote_addr or ""))
+    if found is None:
         raise IntakeError(401, "unknown API key")
-    return caller
+    return found
 
 
 def caller_for_key(svc: Services, key: str, sandbox: bool = False) -> Caller | None:

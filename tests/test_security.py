@@ -282,6 +282,12 @@ def test_requests_bitrix24_made_belong_to_no_caller(http: httpx.Client, redis_co
     seen = http.get(f"/v1/requests/{request_id}", headers=bearer(OPS_KEY)).json()
     assert (seen["source"], seen["caller"]) == ("robot", None)
     assert stored(redis_conn) == {"records": 1, "idempotency keys": 1, "job hashes": 1, "queued": 1}
+    # The robot URL may name only the portal's chats: it has no caller whose list could allow more.
+    robot_url = f"/v1/bitrix24/robot?portal={NORTH}&key={ROBOT_SECRET}&document_ids=43&chat="
+    assert http.post(robot_url + "chat7").status_code == 400
+    assert http.post(robot_url + "5").status_code == 400
+    assert stored(redis_conn)["records"] == 1
+    assert http.post(robot_url + "chat9").status_code == 202
 
 
 def test_a_rotated_key_works_while_both_hashes_are_listed(http: httpx.Client, redis_conn: redis.Redis) -> None:

@@ -143,27 +143,28 @@ chat = "chat1"
 
 def test_callers_are_validated_one_line_per_problem_without_secrets(tmp_path: Any) -> None:
     path = tmp_path / "portals.toml"
-    path.write_text(CALLERS_PORTAL + """
+    k1, k2, k3, k5 = (key_sha256(k) for k in ("k1", "k2", "k3", "k5"))
+    path.write_text(CALLERS_PORTAL + f"""
 [callers.a]
 key_sha256 = "ABCDEF"
 portals = ["elsewhere"]
 [callers.b]
 secret = "notwhsec-topsecret"
 [callers.c]
-key_sha256 = "%s"
+key_sha256 = "{k1}"
 chats = ["12"]
 [callers.d]
 portals = ["shop"]
 [callers.bitrix24]
-key_sha256 = "%s"
+key_sha256 = "{k2}"
 [callers.g]
-key_sha256 = "%s"
+key_sha256 = "{k5}"
 [callers.e]
-key_sha256 = "%s"
+key_sha256 = "{k5}"
 [callers.f]
-key_sha256 = "%s"
+key_sha256 = "{k3}"
 colour = "red"
-""" % (key_sha256("k1"), key_sha256("k2"), key_sha256("k5"), key_sha256("k5"), key_sha256("k3")))
+""")
     with pytest.raises(SettingsError) as info:
         load_settings(_env_file=None, b24_portals_file=str(path))
     lines = str(info.value).splitlines()[1:]
