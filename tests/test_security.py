@@ -82,9 +82,11 @@ def web(redis_proc: devenv.Process, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture
 def http(web: str, redis_conn: redis.Redis) -> Iterator[httpx.Client]:
-    """An HTTP client for the web process; Redis is emptied before each test (redis_conn)."""
+    """An HTTP client for the web process; Redis is emptied before each test (redis_conn) and after it, so
+    the jobs left queued here are never run by a later module's worker."""
     with httpx.Client(base_url=web, timeout=10) as client:
         yield client
+    redis_conn.flushdb()
 
 
 def bearer(key: str) -> dict[str, str]:
