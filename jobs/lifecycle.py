@@ -61,12 +61,11 @@ class Lease:
     marks it lost: `check()` then raises LeaseLost, and every send checks first.
     """
 
-    def __init__(self, conn: redis.Redis, kind: str, request_id: str,
-                 seconds: float = policy.LEASE_SECONDS) -> None:
+    def __init__(self, conn: redis.Redis, kind: str, request_id: str, seconds: float | None = None) -> None:
         self.conn = conn
         self.key = lease_key(kind, request_id)
         self.token = uuid.uuid4().hex
-        self.ms = int(seconds * 1000)
+        self.ms = int((seconds or policy.LEASE_SECONDS) * 1000)
         self.lost = False
         self._renewed = time.monotonic()
         self._stop = threading.Event()
