@@ -7,8 +7,9 @@ draining 2/s; `--rate/--burst` scale it, and the output says so) and its default
 durations (they are never slept, only counted against the operating-time budget, far from its limit
 here). N single-document requests arrive at once (submitted through the app's own `Submitter`, the
 intake's one-round-trip write), and 4 real workers (`devenv.start_worker`, the Procfile command) work
-them off. Each request needs two HTTP requests to the portal: one `batch` (read, cancel, read) and one
-`im.message.add`.
+them off. Each request needs three HTTP requests to the portal: a `catalog.document.list` read before the
+cancel (its own call, so that its answer is never lost with the cancel's: the ambiguity rule), one `batch`
+(cancel, read) and one `im.message.add`. The naive client needs two (cancel, post): it keeps no facts.
 
 Three runs, each on a reset sandbox (empty bucket) and a flushed private Redis (empty limiter):
 1. ours, default settings: the limiter uses B24_RATE_HEADROOM=0.8 of the plan's burst (2/s, burst 40);
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     standard = (rate, burst) == PLAN_LIMITS["standard"]
     limits_text = (f"standard plan limits (rate {rate:g}/s, burst {burst})" if standard
                    else f"SCALED limits (rate {rate:g}/s, burst {burst}; standard is 2/s, 50)")
-    expected_calls = 2 * n
+    expected_calls = 3 * n  # read, batch (cancel + read), post
     timeout = min(600.0, 3 * bound(expected_calls, *bucket_limits("standard", rate, burst, DEFAULT_HEADROOM)) + 60)
 
     load_before = loadavg()

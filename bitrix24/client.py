@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
@@ -17,7 +17,9 @@ import httpx
 
 from bitrix24.auth import OAuthTokens
 from bitrix24.errors import (
+    AMBIGUOUS_STATUSES,
     BAD_ANSWER,
+    CALL_DEADLINE,
     EXPIRED_TOKEN,
     OPERATING_LIMITED,
     RATE_LIMITED,
@@ -26,6 +28,7 @@ from bitrix24.errors import (
     TRANSPORT_TIMEOUT,
     Bitrix24Error,
     Throttled,
+    ambiguous_status,
     classify,
 )
 from settings import is_loopback
@@ -38,6 +41,11 @@ BATCH_MAX = 50
 # A QUERY_LIMIT_EXCEEDED means the portal did not run the call, so it is sent again after the
 # limiter's wait; this many times in one call before the error goes up to the job.
 RATE_LIMIT_RESENDS = 4
+# One call's whole time (limiter sleeps, resends after QUERY_LIMIT_EXCEEDED, a token refresh, each send's
+# connect and read time) stays within this many seconds: below a job's 90 s lease, so a job checks its
+# lease at least this often, and an abandoned copy never waits on one call longer. A resend that could
+# not finish in what is left is not made. (At least one full send always fits, whatever the timeouts.)
+CALL_DEADLINE_SECONDS = 60.0
 
 
 class Observer(Protocol):
@@ -48,6 +56,8 @@ class Observer(Protocol):
 
 class Gate(Protocol):
     """The shared limits a call passes through (implemented over Redis in bitrix24.limits)."""
+
+    max_sleep: float  # the longest wait `before` sleeps rather than raising Throttled
 
     def before(self, methods: Sequence[str]) -> None:
         """Wait for a slot, or raise Throttled when the wait is too long or a method is paused."""
@@ -107,8 +117,12 @@ class Bitrix24Client:
     """Calls one portal through its incoming-webhook URL."""
 
     def __init__(self, base_url: str, portal: str, http: httpx.Client, gate: Gate | None = None,
-                 observe: Observer | None = None, tokens: OAuthTokens | None = None) -> None:
-        """`base_url`: the incoming-webhook URL, or with `tokens` (an app's OAuth) the portal's client_endpoint."""
+                 observe: Observer | None = None, tokens: OAuthTokens | None = None,
+                 deadline: float = CALL_DEADLINE_SECONDS, before_send: Callable[[], None] | None = None) -> None:
+        """`base_url`: the incoming-webhook URL, or with `tokens` (an app's OAuth) the portal's client_endpoint.
+
+        `before_send` runs right before each HTTP send and may raise to stop it (a job that lost its lease).
+        """
         parts = urlsplit(base_url)
         if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback(parts.hostname or "")):
             raise ValueError("Bitrix24 is called over https; plain http only for a loopback sandbox")
@@ -118,6 +132,13 @@ class Bitrix24Client:
         self.gate = gate
         self.observe = observe
         self.tokens = tokens
+        self.before_send = before_send
+        timeout = http.timeout
+        self.connect_timeout = float(timeout.connect or 0.0)
+        self.read_timeout = float(timeout.read or 0.0)
+        # the longest one send may take with full timeouts, after the longest limiter sleep
+        self.send_bound = (gate.max_sleep if gate else 0.0) + self.connect_timeout + self.read_timeout
+        self.deadline = max(deadline, self.send_bound)
 
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> Answer:
         """Call one method; raise Bitrix24Error (or Throttled) when it does not succeed."""
@@ -160,12 +181,20 @@ class Bitrix24Client:
 
     def _send(self, method: str, params: dict[str, Any], methods: Sequence[str]) -> Answer:
         refreshed = False
+        deadline = time.monotonic() + self.deadline
         for resend in range(RATE_LIMIT_RESENDS + 1):
+            if time.monotonic() + self.send_bound > deadline:
+                # refused before a token is taken or a byte sent: the portal did not run it
+                code = RATE_LIMITED if resend else CALL_DEADLINE
+                raise Bitrix24Error(code, f"the call's {self.deadline:.0f} s budget ran out before it could be "
+                                    "sent again", None, method, retryable=True)
             if self.gate:
                 self.gate.before(methods)
             token = self.tokens.access_token() if self.tokens else None
+            if self.before_send:
+                self.before_send()
             try:
-                return self._post(method, {**params, "auth": token} if token else params)
+                return self._post(method, {**params, "auth": token} if token else params, deadline)
             except Bitrix24Error as err:
                 if err.code == EXPIRED_TOKEN and self.tokens and not refreshed:
                     self.tokens.refresh(stale=token)  # once, single-flight across every worker
@@ -180,11 +209,16 @@ class Bitrix24Client:
                 raise
         raise Bitrix24Error(RATE_LIMITED, "still limited after resending", None, method, retryable=True)
 
-    def _post(self, method: str, params: dict[str, Any]) -> Answer:
+    def _post(self, method: str, params: dict[str, Any], deadline: float) -> Answer:
         started = time.monotonic()
         url = f"{self.base}{method}.json"
+        # no phase may outlast the call's deadline (only the first send can be short of full timeouts,
+        # when they are configured longer than the deadline)
+        left = max(deadline - started, 0.1)
+        connect = min(self.connect_timeout, left)
+        timeout = httpx.Timeout(min(self.read_timeout, max(left - connect, 0.1)), connect=connect)
         try:
-            response = self.http.post(url, json=params, headers={"User-Agent": USER_AGENT})
+            response = self.http.post(url, json=params, headers={"User-Agent": USER_AGENT}, timeout=timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise self._transport(method, TRANSPORT_CONNECT, exc, ambiguous=False) from None
         except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
@@ -197,9 +231,7 @@ class Bitrix24Client:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            server_side = response.status_code >= 500
-            err = Bitrix24Error(BAD_ANSWER, f"HTTP {response.status_code} with a body that is not JSON",
-                                response.status_code, method, retryable=server_side, ambiguous=server_side)
+            err = self._not_json(method, response.status_code)
             self._log(method, response.status_code, elapsed, err.code)
             raise err
         if "error" in body or response.status_code >= 400:
@@ -215,6 +247,20 @@ class Bitrix24Client:
             self.gate.after(method, timing)
         self._log(method, response.status_code, elapsed, None, timing.get("operating"))
         return Answer(result=body.get("result"), time=timing, next=body.get("next"), total=body.get("total"))
+
+    @staticmethod
+    def _not_json(method: str, status: int) -> Bitrix24Error:
+        """An answer without a JSON object: a proxy's or the web server's page, not the portal's REST answer.
+
+        A 2xx, a 408, a 429 (Bitrix24's own limit answers are JSON) or a 5xx may come after the portal ran
+        the call, or while it still runs: ambiguous. Any other status (a proxy's 404 or 403) means it
+        did not reach the portal's REST, and sending it again will not help.
+        """
+        description = f"HTTP {status} with a body that is not JSON"
+        if status in AMBIGUOUS_STATUSES:
+            return ambiguous_status(status, method, description)
+        maybe_ran = status < 300 or status >= 500
+        return Bitrix24Error(BAD_ANSWER, description, status, method, retryable=maybe_ran, ambiguous=maybe_ran)
 
     def _transport(self, method: str, code: str, exc: Exception, ambiguous: bool) -> Bitrix24Error:
         self._log(method, None, None, code)

@@ -15,6 +15,14 @@ TRANSPORT_CONNECT = "TRANSPORT_CONNECT"
 TRANSPORT_TIMEOUT = "TRANSPORT_TIMEOUT"
 TRANSPORT_DROPPED = "TRANSPORT_DROPPED"
 BAD_ANSWER = "BAD_ANSWER"
+# An HTTP 408, or a 429 that is not Bitrix24's own JSON limit answer: a proxy between us and the portal gave
+# up or refused, and the portal behind it may have run the call (or still be running it).
+PROXY_TIMEOUT = "HTTP_408"
+PROXY_REFUSED = "HTTP_429"
+# The call's time budget (the client's deadline) would have run out before an answer: it was not sent.
+CALL_DEADLINE = "CALL_DEADLINE"
+# HTTP statuses after which the call may have run whatever the body says, unless it is a limit answer.
+AMBIGUOUS_STATUSES = frozenset({408, 429})
 
 # Errors a person must fix; retrying only hammers the portal. Source: reference §7 and the clients survey.
 PERMANENT = frozenset({
@@ -51,7 +59,8 @@ class Bitrix24Error(Exception):
     """A Bitrix24 call that did not succeed.
 
     `retryable`: sending it again later may succeed. `ambiguous`: the portal may already have
-    executed it (timeouts, dropped connections, 5xx), so check state before sending it again.
+    executed it (timeouts, dropped connections, 5xx, a 408, a proxy's 429, a 2xx without JSON), so nothing
+    that depends on its effect happens before it can no longer be running (the ambiguity rule).
     """
 
     code: str
@@ -92,8 +101,16 @@ def classify(code: str, description: str, http_status: int | None, method: str) 
         return Bitrix24Error(code, description, http_status, method, retryable=True)
     if code == EXPIRED_TOKEN:
         return Bitrix24Error(code, description, http_status, method, retryable=True)
+    if http_status in AMBIGUOUS_STATUSES:
+        return ambiguous_status(http_status, method, f"{code}: {description}")
     if code in PERMANENT:
         return Bitrix24Error(code, description, http_status, method)
     if code in SERVER_FAULTS or (http_status is not None and http_status >= 500):
         return Bitrix24Error(code, description, http_status, method, retryable=True, ambiguous=True)
     return Bitrix24Error(code, description, http_status, method)
+
+
+def ambiguous_status(http_status: int, method: str, description: str) -> Bitrix24Error:
+    """A 408, or a 429 that is no Bitrix24 limit answer: retryable, and the call may have run."""
+    code = PROXY_TIMEOUT if http_status == 408 else PROXY_REFUSED
+    return Bitrix24Error(code, description, http_status, method, retryable=True, ambiguous=True)

@@ -1,15 +1,25 @@
 """The cancel job: un-conduct each document of a request and decide its outcome on facts.
 
-Safe to run twice: every decision is saved on the request record as soon as it is made, a document
-sent in a call that got no answer is re-read before it is sent again, and a business error is decided
-by re-reading the document's status, never by the portal's (localized) text.
+Safe to run twice, and one cancel per document (the ambiguity rule, issue #10):
+- a document is read, sent and decided only under the request's claim on it (jobs/claims.py), so across
+  requests, workers and machines at most one `catalog.document.cancel` for it is in flight;
+- its status is read before its cancel is sent, by a call of its own, and kept on the record
+  (`last_status`): a document already not conducted is never sent, and an outcome decided after an
+  unanswered call uses the status known before it;
+- the time its cancel is sent (`sent_at`) is on the record, written durably, before the call; after a call
+  that got no answer (timeout, dropped connection, 5xx, a proxy's 408/429, a 2xx without JSON) nothing
+  happens for that document until the call can no longer be running on the portal
+  (`policy.settled_after`): the job reschedules itself for then, re-reads it and decides;
+- every decision is saved as soon as it is made, and a business error is decided by the document's
+  status, never by the portal's (localized) text.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -18,7 +28,9 @@ from rq import Retry
 from bitrix24.client import Bitrix24Client
 from bitrix24.errors import OPERATING_LIMITED, RATE_LIMITED, Bitrix24Error, Throttled
 from jobs import policy, records
+from jobs.claims import Claims
 from jobs.context import job_connection, worker_context
+from jobs.durability import durable
 from jobs.enqueue import enqueue_followup
 from jobs.lifecycle import Lease, defer, exclusively, final_failure, retry_later
 
@@ -26,6 +38,18 @@ log = logging.getLogger("b24cancel.jobs")
 
 DOCUMENT_FIELDS = ["id", "docType", "docNumber", "title", "status"]
 CONDUCTED = "Y"
+
+
+@dataclass
+class Wait:
+    """Some documents cannot be decided before `until` (a call may still run, another request holds them)."""
+
+    until: float
+    why: str
+
+
+class RecordGone(Exception):
+    """The request's record expired while the job ran: nothing more is sent for it."""
 
 
 def cancel_documents(request_id: str) -> dict[str, Any] | Retry:
@@ -41,6 +65,9 @@ def run_cancel(conn: redis.Redis, request_id: str, lease: Lease) -> dict[str, An
         log.warning("request record is gone; nothing to do", extra={"request_id": request_id})
         return {"skipped": "record expired"}
     docs: list[dict[str, Any]] = record["documents"]
+    for doc in docs:  # a record written before `sent_at`: wait a whole window from now, to be safe
+        if doc.pop("sent", None) and not doc.get("sent_at"):
+            doc["sent_at"] = time.time()
     if record["state"] == "failed" and any(doc["outcome"] == "failed" for doc in docs):
         docs = start_replay(conn, request_id, record)
     ctx = worker_context()
@@ -54,30 +81,47 @@ def run_cancel(conn: redis.Redis, request_id: str, lease: Lease) -> dict[str, An
     attempt = records.increment(conn, request_id, "attempts")
     records.save(conn, request_id, state="running")
     log.info("cancel started", extra={"request_id": request_id, "portal": portal.name, "attempt": attempt})
+    limit = ctx.settings.b24_execution_limit
+    replicas = ctx.settings.redis_min_replicas
+    claims = Claims(conn, portal.name, request_id, limit, replicas)
+    store = Store(conn, request_id, docs, lease, claims, replicas)
+    canceller = Canceller(ctx.client(portal, conn), docs, store, limit)
 
-    def progress() -> None:
-        records.save(conn, request_id, documents=docs)
-        lease.renew()
+    def hold(retry: Retry) -> Retry:
+        """Keep the claims of undecided documents until the job is back (and through its calls then)."""
+        claims.take([doc["id"] for doc in docs if doc["outcome"] is None and doc.get("claimed")],
+                    extra=float(retry.intervals[0]) if retry.intervals else 0.0)
+        return retry
 
-    canceller = Canceller(ctx.client(portal, conn), docs, progress)
     try:
-        canceller.run()
-    except Throttled as wait:
-        return defer(conn, request_id, wait.until, wait.reason, documents=docs)
+        wait = canceller.run()
+    except RecordGone:
+        claims.release(doc["id"] for doc in docs if doc.get("claimed") and not doc.get("sent_at"))
+        return {"skipped": "record expired"}
+    except Throttled as throttled:
+        return hold(defer(conn, request_id, throttled.until, throttled.reason, documents=docs))
     except Bitrix24Error as err:
-        retry = retry_later(conn, request_id, err, "transient_failures", documents=docs)
+        sent_at = [doc["sent_at"] for doc in docs if doc["outcome"] is None and doc.get("sent_at")]
+        retry = (wait_to_settle(conn, request_id, err, max(sent_at), limit, docs) if err.ambiguous and sent_at
+                 else retry_later(conn, request_id, err, "transient_failures", documents=docs))
         if retry is not None:
-            return retry
+            return hold(retry)
         for doc in docs:
             if doc["outcome"] is None:
-                unsure = " (the last cancel got no answer: check the document in the portal)" if doc.get("sent") else ""
+                unsure = " (the last cancel got no answer: check the document in the portal)" if doc.get("sent_at") else ""
                 doc.update(outcome="failed", detail=f"{err.code}: {err.description}{unsure}",
                            advice=err.advice or None)
-                doc.pop("sent", None)
+                # the claim of a document whose cancel got no answer is kept until it expires (the call may
+                # still run); the others are given back
+                if doc.pop("claimed", None) and not doc.get("sent_at"):
+                    claims.release([doc["id"]])
+                doc.pop("sent_at", None)
         finish(conn, request_id, docs, error=str(err))
         for doc in docs:
             ctx.tally.observe("document_outcomes", portal.name, doc["outcome"])
         final_failure(f"request {request_id}: {err}")
+    if wait is not None:
+        return hold(defer(conn, request_id, wait.until, wait.why, documents=docs))
     finish(conn, request_id, docs)
     for doc in docs:
         ctx.tally.observe("document_outcomes", portal.name, doc["outcome"])
@@ -87,12 +131,28 @@ def run_cancel(conn: redis.Redis, request_id: str, lease: Lease) -> dict[str, An
     return {"documents": {str(doc.get("id") or doc.get("number")): doc["outcome"] for doc in docs}}
 
 
+def wait_to_settle(conn: redis.Redis, request_id: str, err: Bitrix24Error, sent_at: float, limit: float,
+                   docs: list[dict[str, Any]]) -> Retry | None:
+    """After a cancel that got no answer: come back once it can no longer be running, not sooner.
+
+    It counts against the request's transient-failure budget like any failure (None when that is used up).
+    """
+    failures = records.increment(conn, request_id, "transient_failures")
+    if failures > policy.TRANSIENT_RETRY_MAX:
+        return None
+    until = max(policy.settled_after(sent_at, limit), time.time() + policy.transient_backoff(failures))
+    log.info("cancel got no answer; waiting until it can no longer be running",
+             extra={"request_id": request_id, "error": str(err), "resume_at": round(until, 3)})
+    return defer(conn, request_id, until, f"{err}; the call may still be running on the portal", documents=docs)
+
+
 def start_replay(conn: redis.Redis, request_id: str, record: dict[str, Any]) -> list[dict[str, Any]]:
     """An operator requeued a failed request: try its failed documents again and report anew."""
     docs = record["documents"]
     for doc in docs:
         if doc["outcome"] == "failed":
             doc.update(outcome=None, detail=None, advice=None)
+            doc.pop("last_status", None)  # read again: it may have changed since
     round_ = int(record.get("round", 1)) + 1
     records.save(conn, request_id, documents=docs, round=str(round_), transient_failures="0",
                  report_failures="0", error="", report_error="", state="queued")
@@ -116,23 +176,116 @@ def chunks(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, An
         yield items[start:start + size]
 
 
+class Store:
+    """Saves the request's documents; the note that a cancel is being sent goes out durably, with the claims."""
+
+    def __init__(self, conn: redis.Redis, request_id: str, docs: list[dict[str, Any]], lease: Lease,
+                 claims: Claims, replicas: int) -> None:
+        self.conn = conn
+        self.request_id = request_id
+        self.docs = docs
+        self.lease = lease
+        self.claims = claims
+        self.replicas = replicas
+
+    def progress(self) -> None:
+        """Save every decision made so far, then give back the claims of decided documents."""
+        self.lease.check()  # a run that lost its lease must not overwrite the one that holds it
+        if not records.save(self.conn, self.request_id, documents=self.docs):
+            raise RecordGone(self.request_id)
+        decided = [doc for doc in self.docs if doc["outcome"] is not None and doc.pop("claimed", None)]
+        self.claims.release(doc["id"] for doc in decided)
+
+    def sending(self, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Note `sent_at` on the chunk, extend its claims, and WAIT for replicas: all before the call.
+
+        Returns the documents that may be sent: those whose claim was still ours (another request may have
+        taken one only if the job stalled past the claim's life; that document is read again later).
+        """
+        self.lease.check()
+        now = time.time()
+        for doc in chunk:
+            doc["sent_at"] = now
+        ids = [doc["id"] for doc in chunk]
+
+        def write(pipe: Any) -> None:
+            self.claims.queue_take(pipe, ids)
+            records.save(pipe, self.request_id, documents=self.docs)
+
+        answers, saved = durable(self.conn, self.replicas, write)
+        if not saved:
+            raise RecordGone(self.request_id)
+        sendable = []
+        for doc, answer in zip(chunk, answers, strict=True):
+            if (answer.decode() if isinstance(answer, bytes) else answer) == "kept":
+                sendable.append(doc)
+            else:
+                doc.pop("sent_at", None)
+                doc.pop("last_status", None)
+                doc.pop("claimed", None)
+        if len(sendable) < len(chunk):
+            records.save(self.conn, self.request_id, documents=self.docs)
+        return sendable
+
+
 class Canceller:
     """Decides the outcome of each document of one request, calling the portal as little as it can."""
 
-    def __init__(self, client: Bitrix24Client, docs: list[dict[str, Any]], progress: Callable[[], None]) -> None:
+    def __init__(self, client: Bitrix24Client, docs: list[dict[str, Any]], store: Store,
+                 execution_limit: float) -> None:
         self.client = client
         self.docs = docs
-        self.progress = progress
+        self.store = store
+        self.execution_limit = execution_limit
+        self.fresh: set[int] = set()  # documents whose status this run has read
 
-    def run(self) -> None:
-        """Resolve numbers, settle documents left uncertain by an earlier attempt, cancel the rest."""
+    def progress(self) -> None:
+        self.store.progress()
+
+    def run(self) -> Wait | None:
+        """Resolve numbers, settle unanswered cancels whose time has come, cancel the rest under claims.
+
+        Returns when to come back for documents that cannot be decided yet, or None when all are decided.
+        """
         self.resolve_numbers()
-        uncertain = [doc for doc in self.docs if doc["outcome"] is None and doc.get("sent")]
-        for chunk in chunks(uncertain, policy.BATCH_SIZE):
+        waits: list[Wait] = []
+        uncertain = [doc for doc in self.docs if doc["outcome"] is None and doc.get("sent_at")]
+        settled = [doc for doc in uncertain if self.settled_at(doc) <= time.time()]
+        if len(settled) < len(uncertain):
+            waits.append(Wait(min(self.settled_at(doc) for doc in uncertain if doc not in settled),
+                              "an unanswered cancel may still be running on the portal"))
+        for chunk in chunks(settled, policy.BATCH_SIZE):
             self.settle(chunk, {}, after_send=True)
-        pending = [doc for doc in self.docs if doc["outcome"] is None and doc.get("id")]
-        for chunk in chunks(pending, policy.CANCELS_PER_BATCH):
-            self.cancel(chunk)
+        pending = [doc for doc in self.docs if doc["outcome"] is None and doc.get("id") and not doc.get("sent_at")]
+        if pending:
+            taken = self.store.claims.take(doc["id"] for doc in pending)
+            for doc in pending:
+                if doc["id"] in taken.ours:
+                    doc["claimed"] = True
+                else:  # another request is on it: what we read may be stale by the time it is ours
+                    doc.pop("last_status", None)
+                    doc.pop("claimed", None)
+                    self.fresh.discard(doc["id"])
+            ours = [doc for doc in pending if doc["id"] in taken.ours]
+            # a status read before a claim newly taken in a later run may be stale; within one run it is not
+            stale = [doc for doc in ours if doc.get("last_status") is None
+                     or (doc["id"] in taken.new and doc["id"] not in self.fresh)]
+            for chunk in chunks(stale, policy.BATCH_SIZE):
+                self.read(chunk)
+            sendable = [doc for doc in ours if doc["outcome"] is None and doc.get("last_status") == CONDUCTED]
+            for chunk in chunks(sendable, policy.CANCELS_PER_BATCH):
+                self.cancel(chunk)
+            if taken.others:
+                others = sorted(taken.others)
+                delay = min(policy.CLAIM_RECHECK, max(self.store.claims.remaining(others), 1.0))
+                waits.append(Wait(time.time() + delay, f"another request is cancelling document(s) {others}"))
+        if not waits and any(doc["outcome"] is None for doc in self.docs):
+            waits.append(Wait(time.time() + policy.CLAIM_RECHECK, "a document's claim was lost; reading it again"))
+        return min(waits, key=lambda wait: wait.until) if waits else None
+
+    def settled_at(self, doc: dict[str, Any]) -> float:
+        """When the cancel sent for this document can no longer be running on the portal."""
+        return policy.settled_after(float(doc["sent_at"]), self.execution_limit)
 
     def resolve_numbers(self) -> None:
         """Find documents named by number; unknown numbers are not_found, unconducted ones need no call."""
@@ -148,39 +301,62 @@ class Canceller:
                     doc.update(outcome="not_found", detail="no document with this number is visible to the "
                                                            "webhook user")
                     continue
-                _describe(doc, found)
+                self.seen(doc, found)
                 if found.get("status") != CONDUCTED:
                     doc.update(outcome="already_not_conducted", detail=f"status {found.get('status')}")
             self.progress()
 
-    def cancel(self, chunk: list[dict[str, Any]]) -> None:
-        """One batch: read the documents, cancel each, read them again; decide every outcome from it.
+    def seen(self, doc: dict[str, Any], found: dict[str, Any]) -> None:
+        """Take what a read showed: title and type for the report, and the status as the last known one."""
+        _describe(doc, found)
+        doc["last_status"] = found.get("status")
+        self.fresh.add(doc["id"])
 
-        The batch is one request against the rate limit whatever its size, so even a single document
-        goes this way: the reads give the title and type for the report, and the status after the
-        cancel decides a business error on facts, without another call.
-        """
+    def read(self, chunk: list[dict[str, Any]]) -> None:
+        """Read the documents before cancelling them (a call of its own, so its answer is never lost with the
+        cancels'): not visible -> not_found, not conducted -> already_not_conducted, with no cancel at all."""
+        found = self.list_by_id(chunk)
         for doc in chunk:
-            doc["sent"] = True
+            item = found.get(int(doc["id"]))
+            if item is None:
+                _decided(doc, "not_found", "the document is not visible to the webhook user")
+                continue
+            self.seen(doc, item)
+            if item.get("status") != CONDUCTED:
+                _decided(doc, "already_not_conducted", f"status {item.get('status')}")
         self.progress()
+
+    def list_by_id(self, chunk: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        answer = self.client.call("catalog.document.list", {
+            "select": DOCUMENT_FIELDS, "filter": {"@id": [doc["id"] for doc in chunk]}, "start": -1})
+        return _by_id(answer.result)
+
+    def cancel(self, chunk: list[dict[str, Any]]) -> None:
+        """One batch: cancel each document, then read them all; decide every outcome from it.
+
+        The batch is one request against the rate limit whatever its size; the read after the cancels
+        decides a business error on facts, without another call.
+        """
+        chunk = self.store.sending(chunk)
+        if not chunk:
+            return
         ids = [doc["id"] for doc in chunk]
         read = ("catalog.document.list", {"select": DOCUMENT_FIELDS, "filter": {"@id": ids}, "start": -1})
-        commands = {"before": read, **{f"d{i}": ("catalog.document.cancel", {"id": i}) for i in ids}, "after": read}
+        commands = {**{f"d{i}": ("catalog.document.cancel", {"id": i}) for i in ids}, "after": read}
         try:
             answer = self.client.batch(commands)
         except (Bitrix24Error, Throttled) as exc:
             if not getattr(exc, "ambiguous", False):
                 for doc in chunk:
-                    doc.pop("sent", None)  # the portal did not run it
+                    doc.pop("sent_at", None)  # the portal did not run it
             raise
-        before = _by_id(answer.results.get("before"))
         after = _by_id(answer.results.get("after")) if "after" not in answer.errors else None
         unsettled: dict[int, str] = {}
         later: Exception | None = None
         for doc in chunk:
             key = f"d{doc['id']}"
             err = answer.errors.get(key)
-            seen = (after or {}).get(doc["id"]) or before.get(doc["id"])
+            seen = (after or {}).get(doc["id"])
             if seen is not None:
                 _describe(doc, seen)
             if err is None and answer.results.get(key) is True:
@@ -189,15 +365,17 @@ class Canceller:
                 later = later or Bitrix24Error("BAD_ANSWER", "batch command without result or error", None,
                                                "catalog.document.cancel", retryable=True, ambiguous=True)
             elif err.is_business and after is not None:
-                self.decide_business(doc, err.description, before.get(doc["id"]), after.get(doc["id"]))
+                self.decide_business(doc, err.description, after.get(doc["id"]))
             elif err.is_business:
-                doc.pop("sent", None)  # answered: it is settled by a re-read, not treated as unanswered
+                doc.pop("sent_at", None)  # answered: it is settled by a re-read, not treated as unanswered
                 unsettled[doc["id"]] = err.description
             elif err.code in (RATE_LIMITED, OPERATING_LIMITED):
-                doc.pop("sent", None)  # refused before it ran
+                doc.pop("sent_at", None)  # refused before it ran
                 wait = policy.RATE_LIMIT_DEFER if err.code == RATE_LIMITED else policy.OPERATING_DEFER
                 later = later or Throttled(time.time() + wait, f"{err.code} for {err.method}")
             elif err.retryable:
+                if not err.ambiguous:
+                    doc.pop("sent_at", None)
                 later = later or err
             else:
                 _decided(doc, "failed", f"{err.code}: {err.description}", advice=err.advice or None)
@@ -208,41 +386,40 @@ class Canceller:
             raise later
 
     @staticmethod
-    def decide_business(doc: dict[str, Any], description: str, before: dict[str, Any] | None,
-                        after: dict[str, Any] | None) -> None:
+    def decide_business(doc: dict[str, Any], description: str, after: dict[str, Any] | None) -> None:
         """A cancel refused with a business error, decided by the document's status read right after it."""
         if after is None:
             _decided(doc, "not_found", description)
         elif after.get("status") == CONDUCTED:
             _decided(doc, "refused", description)
         else:
-            _decided(doc, "already_not_conducted", f"status {(before or after).get('status')}")
+            _decided(doc, "already_not_conducted", f"status {after.get('status')}")
 
     def settle(self, chunk: list[dict[str, Any]], descriptions: dict[int, str], after_send: bool) -> None:
         """Decide documents by re-reading their status.
 
         After a business error: not visible -> not_found, not conducted -> already_not_conducted,
         still conducted -> refused (with the portal's description). After a call that got no answer
-        (`after_send`): not conducted -> cancelled (our call worked), still conducted -> send again.
+        (`after_send`, once it can no longer be running): not conducted -> cancelled when it was conducted
+        before the call (our call worked), else already_not_conducted; still conducted -> send again.
         """
-        ids = [doc["id"] for doc in chunk]
-        answer = self.client.call("catalog.document.list", {
-            "select": DOCUMENT_FIELDS, "filter": {"@id": ids}, "start": -1})
-        found = _by_id(answer.result)
+        found = self.list_by_id(chunk)
         for doc in chunk:
             item = found.get(int(doc["id"]))
             description = descriptions.get(doc["id"])
-            if item is not None:
-                _describe(doc, item)
+            before = doc.get("last_status", CONDUCTED)  # records from before last_status: it was sent, so Y
             if item is None:
                 _decided(doc, "not_found", description or "the document is not visible to the webhook user")
-            elif item.get("status") != CONDUCTED:
-                if after_send:
-                    _decided(doc, "cancelled", "confirmed by re-reading after an unanswered call")
+                continue
+            self.seen(doc, item)
+            if item.get("status") != CONDUCTED:
+                if after_send and before == CONDUCTED:
+                    _decided(doc, "cancelled", "confirmed by re-reading once the unanswered call could no "
+                                               "longer be running")
                 else:
-                    _decided(doc, "already_not_conducted", f"status {item.get('status')}")
+                    _decided(doc, "already_not_conducted", f"status {before if before != CONDUCTED else item.get('status')}")
             elif after_send:
-                doc.pop("sent", None)  # our call did not take effect: it will be sent again
+                doc.pop("sent_at", None)  # our call did not take effect: it will be sent again, still claimed
             else:
                 _decided(doc, "refused", description or "the portal refused")
         self.progress()
@@ -271,4 +448,4 @@ def _decided(doc: dict[str, Any], outcome: str, detail: str | None, advice: str 
     doc.update(outcome=outcome, detail=detail)
     if advice:
         doc["advice"] = advice
-    doc.pop("sent", None)
+    doc.pop("sent_at", None)

@@ -18,6 +18,7 @@ from bitrix24.auth import OAuthTokens
 from bitrix24.client import Bitrix24Client
 from bitrix24.gate import PortalGate
 from jobs import policy
+from jobs.lifecycle import check_current_lease
 from jobs.metrics import Tally
 from settings import Portal, Settings, load_settings
 
@@ -49,7 +50,7 @@ class WorkerContext:
                                      observe=self.tally.observe)
         tokens = OAuthTokens(conn, portal.name, portal.oauth, self.http) if portal.oauth else None
         return Bitrix24Client(portal.base_url, portal.name, self.http, gate, observe=self.tally.observe,
-                              tokens=tokens)
+                              tokens=tokens, before_send=check_current_lease)
 
 
 _context: WorkerContext | None = None

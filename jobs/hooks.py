@@ -76,7 +76,7 @@ def end_request(conn: redis.Redis, job: Job, why: str) -> None:
     docs = record.get("documents") or []
     for doc in docs:
         if doc.get("outcome") is None:
-            unsure = " (a cancel got no answer: check the document)" if doc.pop("sent", None) else ""
+            unsure = " (a cancel got no answer: check the document)" if doc.pop("sent_at", None) or doc.pop("sent", None) else ""
             doc.update(outcome="failed", detail=detail + unsure)
     records.save(conn, request_id, documents=docs, state="failed", error=detail, finished_at=records.now_text())
     log.warning("request ended by a failed job", extra={"request_id": request_id, "job_id": job.id, "why": why})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +29,10 @@ class LimitsOutlasted(Exception):
     """The job waited for a portal's limits DEFER_MAX times; it gives up so that a person looks."""
 
 
+class LeaseLost(Exception):
+    """This run no longer holds its request's lease (another copy may run): it must make no further effect."""
+
+
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -48,25 +54,70 @@ def lease_key(kind: str, request_id: str) -> str:
 
 class Lease:
     """One run at a time of one kind of job for one request (an abandoned job may be re-run while the
-    original still runs: RQ is at-least-once)."""
+    original still runs: RQ is at-least-once).
 
-    def __init__(self, conn: redis.Redis, kind: str, request_id: str) -> None:
+    While the job runs, a heartbeat thread renews the lease every third of its life, so it never lapses
+    under a live job, even through one long call. A renewal that finds the lease gone or another run's
+    marks it lost: `check()` then raises LeaseLost, and every send checks first.
+    """
+
+    def __init__(self, conn: redis.Redis, kind: str, request_id: str, seconds: float | None = None) -> None:
         self.conn = conn
         self.key = lease_key(kind, request_id)
         self.token = uuid.uuid4().hex
-        self.ms = policy.LEASE_SECONDS * 1000
+        self.ms = int((seconds or policy.LEASE_SECONDS) * 1000)
+        self.lost = False
+        self._renewed = time.monotonic()
+        self._stop = threading.Event()
+        self._heart: threading.Thread | None = None
 
     def acquire(self) -> bool:
         """Take the lease unless another run holds it."""
-        return bool(self.conn.set(self.key, self.token, nx=True, px=self.ms))
+        taken = bool(self.conn.set(self.key, self.token, nx=True, px=self.ms))
+        self._renewed = time.monotonic()
+        return taken
 
-    def renew(self) -> None:
-        """Extend the lease we hold (called as the job saves progress)."""
-        self.conn.eval(RENEW_LUA, 1, self.key, self.token, self.ms)
+    def renew(self) -> bool:
+        """Extend the lease we hold; False (and marked lost) when it is no longer ours."""
+        if self.lost:
+            return False
+        started = time.monotonic()
+        if self.conn.eval(RENEW_LUA, 1, self.key, self.token, self.ms):
+            self._renewed = started
+            return True
+        self.lost = True
+        log.warning("lease lost: another run may hold the request; no further effects from this one",
+                    extra={"lease": self.key})
+        return False
+
+    def check(self) -> None:
+        """Raise LeaseLost unless the lease is surely still ours (renewed within its life)."""
+        if self.lost or time.monotonic() - self._renewed >= self.ms / 1000:
+            raise LeaseLost(f"{self.key} is no longer held by this run")
 
     def release(self) -> None:
         """Give the lease back, if it is still ours."""
         self.conn.eval(RELEASE_LUA, 1, self.key, self.token)
+
+    def start_heartbeat(self) -> None:
+        """Renew the lease from a daemon thread every third of its life until `stop_heartbeat`."""
+        self._heart = threading.Thread(target=self._beat, name=f"lease-heartbeat {self.key}", daemon=True)
+        self._heart.start()
+
+    def stop_heartbeat(self) -> None:
+        """Stop renewing (the job is over); waits for a renewal in progress."""
+        self._stop.set()
+        if self._heart is not None:
+            self._heart.join(timeout=self.ms / 1000)
+
+    def _beat(self) -> None:
+        interval = self.ms / 1000 / LEASE_RENEWALS
+        while not self._stop.wait(interval):
+            try:
+                if not self.renew():
+                    return
+            except redis.RedisError as exc:  # try again next beat; check() fails once the lease may have lapsed
+                log.warning("lease not renewed: Redis unreachable", extra={"lease": self.key, "error": str(exc)})
 
     def wait(self) -> Retry:
         """Reschedule this copy of the job for when the other run's lease ends (the record is not touched)."""
@@ -76,15 +127,39 @@ class Lease:
         return Retry(max=policy.DEFER_MAX + 1, interval=[delay])
 
 
+# Renewals per lease life: a renewal may fail twice (a Redis blip) before the lease could lapse.
+LEASE_RENEWALS = 3
+# The lease of the job running in this work-horse, for the client's check before each send.
+_current_lease: contextvars.ContextVar[Lease | None] = contextvars.ContextVar("current_lease", default=None)
+
+
+def check_current_lease() -> None:
+    """Raise LeaseLost if the job running here has lost its lease (the client calls it before each send)."""
+    lease = _current_lease.get()
+    if lease is not None:
+        lease.check()
+
+
 def exclusively(conn: redis.Redis, kind: str, request_id: str,
                 run: Callable[[Lease], T]) -> T | Retry:
-    """Run `run(lease)` holding the request's lease for this kind of job, or wait for the other run."""
+    """Run `run(lease)` holding the request's lease for this kind of job, or wait for the other run.
+
+    The lease is renewed by a heartbeat while `run` runs; if it is lost, `run` is stopped at its next
+    send (LeaseLost) and this copy waits for the run that holds it now.
+    """
     lease = Lease(conn, kind, request_id)
     if not lease.acquire():
         return lease.wait()
+    lease.start_heartbeat()
+    current = _current_lease.set(lease)
     try:
         return run(lease)
+    except LeaseLost:
+        log.warning("run stopped: its lease was lost", extra={"lease": lease.key})
+        return lease.wait()
     finally:
+        _current_lease.reset(current)
+        lease.stop_heartbeat()
         lease.release()
 
 

@@ -45,15 +45,22 @@ LEASE_SECONDS = 90
 # chat search) happens until the call can no longer be running on Bitrix24's side: its execution limit
 # (the setting B24_EXECUTION_LIMIT, 60 s in the cloud) plus this margin, counted from when it was sent.
 AMBIGUITY_MARGIN = 5.0
+# A document's claim (jobs/claims.py) outlives the ambiguity window by this much: room for the rescheduled
+# job to be picked up and to re-read the document before another request may take the document.
+CLAIM_SLACK = 90.0
+# A request waiting for another request's claim on a document looks again this often (seconds; only Redis
+# is read until the claim is free).
+CLAIM_RECHECK = 5
 # How long a replica has to confirm a guarding write (REDIS_MIN_REPLICAS) before the write counts as lost.
 REPLICA_WAIT_MS = 1000
 # Waits up to this long sleep inside the job; longer ones reschedule it through RQ's scheduler.
 MAX_SLEEP = 5.0
 
 # Documents per list call, and per batch: Bitrix24 pages lists at 50 and refuses batches over 50
-# commands. A cancel batch also reads the documents before and after the cancels (two commands).
+# commands. A cancel batch also reads the documents after the cancels (one command); the read before
+# is a call of its own, so that its answer is not lost with the batch's.
 BATCH_SIZE = 50
-CANCELS_PER_BATCH = BATCH_SIZE - 2
+CANCELS_PER_BATCH = BATCH_SIZE - 1
 # Documents one request may name (the intake refuses more).
 MAX_DOCUMENTS = 500
 

@@ -18,6 +18,9 @@ KINDS = {
                             "and the connection is closed without an answer",
     "query_limit": "HTTP 503 QUERY_LIMIT_EXCEEDED; nothing is applied",
     "overload": "HTTP 503 OVERLOAD_LIMIT; nothing is applied",
+    "not_json": "the call takes effect, then a proxy answers HTTP 200 with an HTML page instead of the JSON",
+    "proxy_timeout": "the call takes effect, then a proxy answers HTTP 408 with an HTML page (it stopped waiting)",
+    "proxy_limit": "a proxy answers HTTP 429 with an HTML page; nothing is applied",
 }
 
 DEFAULT_SECONDS = {"slow": 1.0, "applied_then_timeout": 30.0}

@@ -40,6 +40,10 @@ BATCH_NOT_ALLOWED = ("ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed fo
 BATCH_TOO_LONG = ("ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded", 400)
 
 FAULT_ANSWERS = {"error500": INTERNAL, "query_limit": QUERY_LIMIT, "overload": OVERLOAD}
+# Faults that answer as a proxy in front of the portal would: HTTP status, whether the call ran behind it.
+PROXY_FAULTS = {"not_json": (200, True), "proxy_timeout": (408, True), "proxy_limit": (429, False)}
+PROXY_PAGE = "<html><head><title>{status}</title></head><body><center><h1>{status}</h1></center><hr>" \
+             "<center>nginx</center></body></html>\n"
 
 RESULT_REFERENCE = re.compile(r"\$result\[([^\]]+)\]((?:\[[^\]]*\])*)")
 
@@ -146,6 +150,11 @@ def _drop_connection(request: Request) -> Response:
     return Response(status=500)
 
 
+def _proxy_page(status: int) -> Response:
+    """An HTML page as a proxy (nginx) sends it, in place of the portal's JSON answer."""
+    return Response(PROXY_PAGE.format(status=status), status=status, content_type="text/html")
+
+
 class RestCall:
     """One HTTP request to /rest, from routing to answer."""
 
@@ -185,8 +194,14 @@ class RestCall:
             return json_response(outcome.body, outcome.status)
         if kind == "slow" and rule and rule.seconds:
             time.sleep(rule.seconds)
+        if kind in PROXY_FAULTS and not PROXY_FAULTS[kind][1]:
+            portal.finish_call(record, self.generation, PROXY_FAULTS[kind][0], None, kind)
+            return _proxy_page(PROXY_FAULTS[kind][0])
         outcome = self.process(record["seq"])
         applied = outcome.error is None
+        if kind in PROXY_FAULTS:
+            portal.finish_call(record, self.generation, PROXY_FAULTS[kind][0], outcome.error, kind, applied)
+            return _proxy_page(PROXY_FAULTS[kind][0])
         if kind == "applied_then_timeout":
             portal.finish_call(record, self.generation, None, outcome.error, kind, applied)
             time.sleep(rule.seconds if rule and rule.seconds else 0)

@@ -83,6 +83,18 @@ def test_applied_then_timeout_applies_the_call_but_never_answers(b24: Portal) ->
     assert retry.status_code == 400 and "not been conducted" in retry.json()["error_description"]
 
 
+@pytest.mark.parametrize(("kind", "status", "applied"), [
+    ("not_json", 200, True), ("proxy_timeout", 408, True), ("proxy_limit", 429, False)])
+def test_proxy_faults_answer_with_an_html_page(b24: Portal, kind: str, status: int, applied: bool) -> None:
+    b24.faults({"kind": kind, "method": "catalog.document.cancel", "times": 1})
+    answer = b24.call("catalog.document.cancel", {"id": 5})
+    assert answer.status_code == status
+    assert answer.headers["content-type"].startswith("text/html") and "<html>" in answer.text
+    assert b24.status(5) == ("C" if applied else "Y")
+    call = b24.control("GET", "calls")[0]
+    assert (call["http_status"], call["fault"], call["applied"]) == (status, kind, applied)
+
+
 def test_applied_then_timeout_closes_the_connection_after_the_stall(b24: Portal) -> None:
     b24.faults({"kind": "applied_then_timeout", "times": 1, "seconds": 0.3})
     with pytest.raises(httpx.TransportError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -71,6 +72,13 @@ def fake_client(status: int, body: Any) -> Bitrix24Client:
     (429, {"error": "OPERATION_TIME_LIMIT", "error_description": "blocked"}, "OPERATION_TIME_LIMIT", True, False),
     (500, {"error": "INTERNAL_SERVER_ERROR", "error_description": "x"}, "INTERNAL_SERVER_ERROR", True, True),
     (502, "<html>Bad gateway</html>", "BAD_ANSWER", True, True),
+    # a proxy's page, or a 2xx the portal may have sent after running the call: it may have run
+    (200, "<html>ok</html>", "BAD_ANSWER", True, True),
+    (200, [1, 2], "BAD_ANSWER", True, True),
+    (408, "<html>Request Timeout</html>", "HTTP_408", True, True),
+    (429, "<html>Too Many Requests</html>", "HTTP_429", True, True),
+    (429, {"error": "SOMETHING_ELSE", "error_description": "x"}, "HTTP_429", True, True),
+    (404, "<html>Not Found</html>", "BAD_ANSWER", False, False),
     (401, {"error": "NO_AUTH_FOUND", "error_description": "Wrong authorization data"}, "NO_AUTH_FOUND", False, False),
     (403, {"error": "insufficient_scope", "error_description": "x"}, "insufficient_scope", False, False),
     (503, {"error": "OVERLOAD_LIMIT", "error_description": "x"}, "OVERLOAD_LIMIT", False, False),
@@ -221,3 +229,51 @@ def test_new_key_prints_a_key_whose_hash_makes_a_working_caller(tmp_path: Any) -
     filed = create_app({"_env_file": None, "redis_url": "redis://127.0.0.1:9/0", "b24_portals_file": str(path)})
     rotate = filed.test_cli_runner().invoke(args=["new-key", "warehouse"]).output
     assert re.search(rf'key_sha256 = \["{key_sha256("k1")}", "[0-9a-f]{{64}}"\]', rotate)
+
+
+class NoWaitGate:
+    """A gate that never waits: the client's own deadline is what stops its resends."""
+
+    max_sleep = 0.0
+
+    def before(self, methods: Any) -> None:
+        pass
+
+    def after(self, method: str, timing: Any) -> None:
+        pass
+
+    def rate_limited(self) -> None:
+        pass
+
+    def operating_limited(self, method: str, reset_at: float | None) -> float:
+        return 0.0
+
+
+def test_resends_stop_when_the_call_deadline_would_be_passed() -> None:
+    sends: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sends.append(time.monotonic())
+        time.sleep(0.3)
+        return httpx.Response(503, json={"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler), timeout=httpx.Timeout(0.2))
+    client = Bitrix24Client(WEBHOOK, "p", http, NoWaitGate(), deadline=1.2)
+    started = time.monotonic()
+    with pytest.raises(Bitrix24Error) as info:
+        client.call("im.message.add", {"MESSAGE": "x"})
+    assert time.monotonic() - started < 1.2  # within the deadline, resends included
+    assert len(sends) == 3  # not the 5 that RATE_LIMIT_RESENDS alone would allow
+    assert (info.value.code, info.value.retryable, info.value.ambiguous) == ("QUERY_LIMIT_EXCEEDED", True, False)
+
+
+def test_a_guard_that_refuses_stops_the_send() -> None:
+    sends: list[httpx.Request] = []
+
+    def refuse() -> None:
+        raise RuntimeError("lease lost")
+
+    http = httpx.Client(transport=httpx.MockTransport(lambda request: sends.append(request) or httpx.Response(200)))
+    with pytest.raises(RuntimeError, match="lease lost"):
+        Bitrix24Client(WEBHOOK, "p", http, before_send=refuse).call("catalog.document.cancel", {"id": 1})
+    assert sends == []
