@@ -15,6 +15,7 @@ from standardwebhooks.webhooks import Webhook
 
 from bitrix24.limits import LeakyBucket, OperatingBudget
 from jobs import policy, records
+from jobs.durability import NotReplicated
 from jobs.enqueue import Submitter
 from settings import CHAT_ID, Portal, Settings, is_loopback, pick_portal
 
@@ -66,7 +67,8 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, conn: Redis) -> Services:
         """Everything the intake needs, from the settings."""
-        return cls(settings=settings, redis=conn, submitter=Submitter(conn, settings.request_ttl),
+        return cls(settings=settings, redis=conn,
+                   submitter=Submitter(conn, settings.request_ttl, settings.redis_min_replicas),
                    verifiers=[Webhook(secret) for secret in settings.webhook_secrets],
                    api_keys=settings.api_keys, portals=dict(settings.portals))
 
@@ -220,6 +222,13 @@ def cancel_request(body: dict[str, Any], portal: Portal, source: str, source_ref
     return request_
 
 
+# A 503 after a write that too few replicas confirmed (REDIS_MIN_REPLICAS): the request may exist.
+NOT_REPLICATED = ("the request was written but no Redis replica confirmed it in time, so it may or may not have "
+                  "been accepted; retry with the same idempotency key: the retry returns that same request (200) "
+                  "if it exists, so nothing is done twice")
+NOT_REPLICATED_NO_KEY = ("the request was written but no Redis replica confirmed it in time, so it may or may not "
+                         "have been accepted; it had no Idempotency-Key, so a retry may create a second request: "
+                         "send one so that retries are safe")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
@@ -245,6 +254,11 @@ def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: 
     try:
         result = svc.submitter.submit(request_id, request_, policy.FIRST_JOBS[first_job],
                                       policy.first_job_id(first_job, request_id))
+    except NotReplicated:
+        # The write reached the primary but too few replicas confirmed it: a failover now could lose it, so no
+        # 2xx. It may still exist: the same key's retry finds it and answers 200, so nothing is doubled.
+        log.warning("request not confirmed by replicas at intake", extra={"request_id": request_id})
+        raise IntakeError(503, NOT_REPLICATED if key else NOT_REPLICATED_NO_KEY) from None
     except redis.RedisError:
         log.warning("redis unavailable at intake")
         raise IntakeError(503, "the service cannot store requests right now; retry later") from None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 from rq import Queue, Retry
 from rq.callbacks import Callback
 from rq.exceptions import DuplicateJobError
@@ -28,6 +29,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from jobs import policy, records
+from jobs.durability import durable
 
 # Abandoned jobs (their worker was killed) do not reach RQ's exception handlers; this callback
 # reports them (see jobs/hooks.py).
@@ -94,9 +96,10 @@ def _lua_pairs(fields: dict[str, Any], encoder: Any) -> str:
 class Submitter:
     """Writes requests and their first job; built once per process, used by every request."""
 
-    def __init__(self, conn: redis.Redis, record_ttl: int) -> None:
+    def __init__(self, conn: redis.Redis, record_ttl: int, min_replicas: int = 0) -> None:
         self.conn = conn
         self.record_ttl = record_ttl
+        self.min_replicas = min_replicas
         self.queues = {name: Queue(name, connection=conn, serializer=JSONSerializer)
                        for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE)}
         self._scripts: dict[tuple[str, str], Any] = {}
@@ -126,13 +129,30 @@ class Submitter:
         script = self._script(q, func)
         record = records.new_record(request)
         data = zlib.compress(JSONSerializer.dumps([func, None, [request_id], {}]))
-        created = script(
-            keys=[records.request_key(request_id), f"{q.job_class.redis_job_namespace_prefix}{job_id}", q.key,
+        created = self._run(
+            script, keys=[records.request_key(request_id), f"{q.job_class.redis_job_namespace_prefix}{job_id}", q.key,
                   Queue.redis_queues_keys],
             args=[self.record_ttl, job_id, q.key, record["request"], record["documents"], record["created_at"],
                   data, utcformat(now()), f"{func.rsplit('.', 1)[-1]}({request_id})"],
         )
         return Submitted(request_id=request_id, created=bool(created))
+
+    def _run(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
+        """Run the submit script; with REDIS_MIN_REPLICAS > 0 its EVALSHA and a WAIT share one pipeline (one
+        round trip), and NotReplicated means the write may exist on the primary only."""
+        if not self.min_replicas:
+            return script(keys=keys, args=args)
+
+        def write(pipe: Any) -> None:
+            # EVALSHA directly: a Script registered on a pipeline costs a SCRIPT EXISTS round trip per execute.
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+        try:
+            return durable(self.conn, self.min_replicas, write)[0]
+        except NoScriptError:
+            # A new primary after a failover starts with an empty script cache; the script did not run.
+            self.conn.script_load(script.script)
+            return durable(self.conn, self.min_replicas, write)[0]
 
 
 # A follow-up job with the same id in one of these states is already on its way: leave it.
