@@ -13,6 +13,7 @@ from flask import Request, current_app
 from redis import Redis
 from standardwebhooks.webhooks import Webhook
 
+from bitrix24.auth import offer_tokens
 from bitrix24.limits import LeakyBucket, OperatingBudget
 from jobs import policy, records
 from jobs.durability import NotReplicated
@@ -266,6 +267,15 @@ def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: 
     if not result.created:
         body["duplicate"] = True
     return body, 202 if result.created else 200
+
+
+def keep_app_tokens(conn: Redis, portal: Portal, form: Any) -> None:
+    """Store the fresh OAuth tokens an authenticated app call carried, if newer than the service's own."""
+    assert portal.oauth is not None
+    try:
+        offer_tokens(conn, portal.name, portal.oauth, form)
+    except redis.RedisError:
+        log.warning("redis unavailable: event tokens not stored", extra={"portal": portal.name})
 
 
 def held_back(svc: Services, portal: str) -> dict[str, Any]:
