@@ -48,9 +48,9 @@ MAX_ANSWER_BYTES = 64 * 1024
 WAIT_POLL = 0.05
 # The code of the permanent error when the stored refresh token is void and nothing newer came in.
 TOKEN_LOST = "OAUTH_TOKEN_LOST"
-LOST_ADVICE = ("The app's refresh token is no longer valid (a refresh answer was lost, or the app was reinstalled) "
-               "and no newer token has arrived with an event: reinstall the app on the portal, or put a new "
-               "refresh_token in the portals file, then replay the request.")
+# What the permanent error says (errors.ADVICE[TOKEN_LOST] says what a person must do).
+LOST_DESCRIPTION = ("the app's refresh token was refused (a refresh answer was lost, or the app was reinstalled) "
+                    "and no newer token has arrived with an app event or robot call")
 
 # Release the lock only if it is still ours (it may have expired and been taken by another process).
 RELEASE_LUA = """
@@ -218,7 +218,7 @@ class OAuthTokens:
 
     @staticmethod
     def _lost() -> Bitrix24Error:
-        return Bitrix24Error(TOKEN_LOST, LOST_ADVICE, None, "oauth.refresh")
+        return Bitrix24Error(TOKEN_LOST, LOST_DESCRIPTION, None, "oauth.refresh")
 
 
 def offer_tokens(conn: redis.Redis, portal: str, app: OAuthApp, form: Mapping[str, str]) -> bool:
