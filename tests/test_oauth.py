@@ -242,3 +242,45 @@ def test_a_lost_refresh_answer_is_recovered_from_event_tokens_else_fails_clearly
         assert portal.document(doc)["status"] != "Y"
     logs = (tmp_path / "worker.log").read_text() + (tmp_path / "web.log").read_text()
     assert app.refresh_token not in logs and app.client_secret not in logs
+
+
+def test_app_tokens_are_kept_only_from_calls_whose_application_token_matches(
+        redis_conn: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    portals = tmp_path / "portals.toml"
+    portals.write_text(textwrap.dedent("""
+        [portals.app]
+        client_endpoint = "https://shop.bitrix24.com/rest/"
+        client_id = "local.1"
+        client_secret = "secret-1"
+        refresh_token = "configured-refresh"
+        application_token = "app-token-1"
+        member_id = "member-1"
+        robot_secret = "robot-1"
+        chat = "chat1"
+    """))
+    client = create_app({"_env_file": None, "redis_url": redis_url, "b24_portals_file": str(portals),
+                         "trigger_api_keys": API_KEY}).test_client()
+    expires = str(int(time.time()) + 3600)
+
+    def event(application_token: str, access: str) -> int:
+        form = {"event": "ONCRMDEALUPDATE", "data[FIELDS][ID]": "7", "ts": str(int(time.time())),
+                "auth[member_id]": "member-1", "auth[application_token]": application_token,
+                "auth[access_token]": access, "auth[expires]": expires, "auth[refresh_token]": f"r-{access}"}
+        return client.post("/v1/bitrix24/events", data=form).status_code
+
+    def robot(application_token: str, access: str, expires_at: str, run: int) -> int:
+        form = {"document_id[]": ["crm", "CCrmDocumentDeal", "DEAL_1"], "auth[application_token]": application_token,
+                "auth[access_token]": access, "auth[expires]": expires_at}
+        return client.post(f"/v1/bitrix24/robot?portal=app&key=robot-1&document_ids=5&run={run}",
+                           data=form).status_code
+
+    assert event("forged", "planted") == 401
+    assert robot("forged", "planted", expires, 1) == 202  # the robot call itself is authenticated by its key
+    assert not redis_conn.exists(token_key("app"))  # neither forged token was kept
+    assert event("app-token-1", "fresh") == 200
+    stored = redis_conn.hgetall(token_key("app"))
+    assert stored[b"access_token"] == b"fresh" and stored[b"refresh_token"] == b"r-fresh"
+    assert stored[b"fence"].decode() == auth.fingerprint("r-fresh")
+    assert robot("app-token-1", "from-robot", str(int(expires) + 60), 2) == 202
+    stored = redis_conn.hgetall(token_key("app"))
+    assert stored[b"access_token"] == b"from-robot" and stored[b"refresh_token"] == b"r-fresh"
