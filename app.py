@@ -41,7 +41,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     conn = redisconn.connect(settings.redis_url, socket_timeout=REDIS_TIMEOUT,
-                                socket_connect_timeout=REDIS_CONNECT_TIMEOUT, health_check_interval=REDIS_HEALTH_CHECK)
+                             socket_connect_timeout=REDIS_CONNECT_TIMEOUT, health_check_interval=REDIS_HEALTH_CHECK)
     app.extensions["b24cancel"] = Services.build(settings, conn)
 
     from handlers import api, events, health, robot

@@ -130,7 +130,8 @@ class Submitter:
         record = records.new_record(request)
         data = zlib.compress(JSONSerializer.dumps([func, None, [request_id], {}]))
         created = self._run(
-            script, keys=[records.request_key(request_id), f"{q.job_class.redis_job_namespace_prefix}{job_id}", q.key,
+            script,
+            keys=[records.request_key(request_id), f"{q.job_class.redis_job_namespace_prefix}{job_id}", q.key,
                   Queue.redis_queues_keys],
             args=[self.record_ttl, job_id, q.key, record["request"], record["documents"], record["created_at"],
                   data, utcformat(now()), f"{func.rsplit('.', 1)[-1]}({request_id})"],
