@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis
 import sentry_sdk
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 import commands
 import observability
+import redisconn
 from handlers.intake import ERROR_NAMES, IntakeError, Services
 from settings import SettingsError, load_settings
 
@@ -40,8 +40,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    conn = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT,
-                                socket_connect_timeout=REDIS_CONNECT_TIMEOUT, health_check_interval=REDIS_HEALTH_CHECK)
+    conn = redisconn.connect(settings.redis_url, socket_timeout=REDIS_TIMEOUT,
+                             socket_connect_timeout=REDIS_CONNECT_TIMEOUT, health_check_interval=REDIS_HEALTH_CHECK)
     app.extensions["b24cancel"] = Services.build(settings, conn)
 
     from handlers import api, events, health, robot

@@ -120,8 +120,11 @@ def redis_binary(prefer_path: bool = True) -> str:
 
 
 def start_redis(directory: Path, port: int | None = None, prefer_path: bool = True,
-                persist: bool = False) -> Process:
-    """Start a private Redis (or Valkey) on 127.0.0.1:port with its files under `directory`."""
+                persist: bool = False, replica_of: int | None = None) -> Process:
+    """Start a private Redis (or Valkey) on 127.0.0.1:port with its files under `directory`.
+
+    With `replica_of`, it replicates the Redis on 127.0.0.1:<replica_of>.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     argv = [redis_binary(prefer_path), "--bind", "127.0.0.1", "--port", str(port),
@@ -131,8 +134,33 @@ def start_redis(directory: Path, port: int | None = None, prefer_path: bool = Tr
         argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
     else:
         argv += ["--appendonly", "no"]
+    if replica_of is not None:
+        argv += ["--replicaof", "127.0.0.1", str(replica_of)]
     proc = _spawn("redis", argv, log=directory / "redis.log")
     proc.url = f"redis://127.0.0.1:{port}/0"
+    wait_for_port(proc, "127.0.0.1", port)
+    return proc
+
+
+def start_sentinel(directory: Path, primary_port: int, service: str = "mymaster", quorum: int = 1,
+                   down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> Process:
+    """Start a Redis Sentinel on a free loopback port watching the primary on 127.0.0.1:primary_port.
+
+    Short down-after and failover timeouts suit tests and benches (production keeps Sentinel's defaults).
+    `url` is the sentinel's `host:port`, to join into a redis+sentinel:// URL.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = directory / "sentinel.conf"  # Sentinel rewrites its config file: one of its own per process
+    config.write_text("\n".join([
+        f"port {port}", "bind 127.0.0.1", f"dir {directory}", "daemonize no", "protected-mode yes",
+        f"sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}",
+        f"sentinel down-after-milliseconds {service} {down_after_ms}",
+        f"sentinel failover-timeout {service} {failover_timeout_ms}",
+        f"sentinel parallel-syncs {service} 1", "",
+    ]))
+    proc = _spawn("sentinel", [redis_binary(), str(config), "--sentinel"], log=directory / "sentinel.log")
+    proc.url = f"127.0.0.1:{port}"
     wait_for_port(proc, "127.0.0.1", port)
     return proc
 

@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+import redisconn
+
 # The portal name that the single-portal variables (B24_*) define.
 DEFAULT_PORTAL = "default"
 # Bitrix24 incoming-webhook URL: https://<portal>/rest/<user id>/<code>/
@@ -249,6 +251,11 @@ class Settings(BaseSettings):
             if not secret.startswith("whsec_"):
                 raise ValueError("each secret must start with whsec_ (Standard Webhooks format)")
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        return redisconn.check_url(value) if value else None
 
     @field_validator("b24_rate_headroom")
     @classmethod

@@ -9,7 +9,8 @@ One run, only on 127.0.0.1, about a minute:
 3. drives each with wrk (32 connections, 2 threads, a warm-up then a fixed duration, `--latency`); every
    request has a distinct `Idempotency-Key` (thread id + counter, from a wrk Lua script), a valid bearer key
    and the body `{"document_ids": [142, 143], "reason": "bench"}`; the script counts answers by status;
-4. after our run checks Redis: 202 answers = request records = job ids in `rq:queue:cancel`, every listed
+4. after our runs (`ours`, and `replica`: ours on a primary with a replica started here and REDIS_MIN_REPLICAS=1)
+   checks Redis: 202 answers = request records = job ids in `rq:queue:cancel`, every listed
    job has its `rq:job:*` hash and its record, every `rq:job:*` has its record, and a sample of jobs loads
    with RQ's JSON serializer;
 5. prints, as the last lines, req/s, p50 and p99 per app, the ratios ours/bare and ours/naive, the machine
@@ -62,6 +63,9 @@ APPS = {
     "bare": "bench.baselines:bare_app",
     "naive": "bench.baselines:naive_app",
     "ours": "app:app",
+    # Ours again, on a primary with one replica and REDIS_MIN_REPLICAS=1: each 202 waits for the replica's
+    # acknowledgement (WAIT in the submit's own pipeline). The cost of durable acceptance.
+    "replica": "app:app",
 }
 # The goals the service aims at (README, "Performance").
 GOAL_RATIO_BARE = 0.55
@@ -364,7 +368,7 @@ def machine() -> str:
 
 
 def bench_app(name: str, wrk: str, script: Path, env: dict[str, str], args: argparse.Namespace,
-              tmp: Path, conn: Any, redis_pid: int, run_id: str) -> AppRun:
+              tmp: Path, conn: Any, redis_pid: int, run_id: str, replica: Any = None) -> AppRun:
     run = AppRun(name)
     app_env = dict(env, PORT=str(devenv.free_port()))
     log = tmp / f"gunicorn-{name}.log"
@@ -394,8 +398,15 @@ def bench_app(name: str, wrk: str, script: Path, env: dict[str, str], args: argp
                        "server user": server_user / answered * 1e6, "server sys": server_sys / answered * 1e6,
                        "redis": redis_cpu / answered * 1e6}
         time.sleep(DRAIN_SECONDS)
-        if name == "ours":
+        if name in ("ours", "replica"):
             run.check_ok, run.check = check_ours(conn, run.result, run_id)
+        if replica is not None:
+            conn.set("bench:fence", "1")
+            conn.wait(1, 5000)
+            same = replica.dbsize() == conn.dbsize()
+            run.check_ok = bool(run.check_ok) and same
+            run.check.append(f"  [{'ok' if same else 'FAIL'}] the replica holds every key of the primary: "
+                             f"{replica.dbsize()} = {conn.dbsize()}")
         elif name == "naive":
             n = conn.llen("rq:queue:cancel")
             run.check = [f"  naive: {run.result.counts['s202']} x 202, {n} jobs in rq:queue:cancel"]
@@ -416,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat bare, naive, ours this many times and report each app's median run (1)")
-    parser.add_argument("--apps", default="bare,naive,ours", help="comma-separated subset of bare,naive,ours")
+    parser.add_argument("--apps", default="bare,naive,ours,replica",
+                        help="comma-separated subset of bare,naive,ours,replica")
     parser.add_argument("--verbose", action="store_true", help="print wrk's full output")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.apps.split(",") if n.strip()]
@@ -437,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         script = tmp / "cancel.lua"
         script.write_text(WRK_SCRIPT)
         redis_proc = devenv.start_redis(tmp / "redis")
+        pair: tuple[devenv.Process, devenv.Process] | None = None
         try:
+            pair = start_pair(tmp) if "replica" in names else None
             conn = redis.Redis.from_url(redis_proc.url)
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("B24_", "TRIGGER_", "SENTRY_", "SANDBOX_"))}
@@ -450,14 +464,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
             for round_ in range(1, args.rounds + 1):
                 for name in names:
-                    run = bench_app(name, wrk, script, env, args, tmp, conn, redis_proc.pid,
-                                    f"run{round_}-{name}")
+                    if name == "replica" and pair is not None:
+                        primary, replica = pair
+                        run = bench_app(name, wrk, script, dict(env, REDIS_URL=primary.url, REDIS_MIN_REPLICAS="1"),
+                                        args, tmp, redis.Redis.from_url(primary.url), primary.pid,
+                                        f"run{round_}-{name}", replica=redis.Redis.from_url(replica.url))
+                    else:
+                        run = bench_app(name, wrk, script, env, args, tmp, conn, redis_proc.pid,
+                                        f"run{round_}-{name}")
                     runs[name].append(run)
                     print_run(run, round_, args)
             conn.close()
         finally:
+            for proc in (pair or ()):
+                proc.stop()
             redis_proc.stop()
     return report(runs, args, settings)
+
+
+def start_pair(tmp: Path) -> tuple[devenv.Process, devenv.Process]:
+    """A second Redis primary with one replica (loopback, free ports), the replica synced, for the `replica` run."""
+    import redis
+
+    primary = devenv.start_redis(tmp / "primary")
+    replica = devenv.start_redis(tmp / "replica", replica_of=int(primary.url.rsplit(":", 1)[1].split("/")[0]))
+    conn = redis.Redis.from_url(replica.url)
+    deadline = time.monotonic() + 20
+    while conn.info("replication").get("master_link_status") != "up":
+        if time.monotonic() > deadline:
+            primary.stop()
+            replica.stop()
+            raise BenchError("the bench's replica did not sync with its primary within 20 s")
+        time.sleep(0.1)
+    print(f"Redis primary {primary.url} (pid {primary.pid}) with replica {replica.url} (pid {replica.pid}) "
+          "for the replica run (REDIS_MIN_REPLICAS=1)", flush=True)
+    return primary, replica
 
 
 def print_run(run: AppRun, round_: int, args: argparse.Namespace) -> None:
@@ -486,7 +527,8 @@ def report(all_runs: dict[str, list[AppRun]], args: argparse.Namespace, settings
     flat = [run for runs in all_runs.values() for run in runs]
     chosen = {name: median_run(runs) for name, runs in all_runs.items()}
     failed = any(run.error for run in flat)
-    checks = [run.check_ok for run in all_runs.get("ours", []) if run.check_ok is not None]
+    checks = [run.check_ok for name in ("ours", "replica") for run in all_runs.get(name, [])
+              if run.check_ok is not None]
     if checks:
         print(f"check: {'PASSED' if all(checks) else 'FAILED'} (202 answers = request records = jobs in "
               f"rq:queue:cancel; every job has its record{'; every round' if len(checks) > 1 else ''})")
@@ -528,6 +570,10 @@ def report(all_runs: dict[str, list[AppRun]], args: argparse.Namespace, settings
             print(f"{name:<7}{'failed':>10}")
     print(f"ratio ours/bare = {vs_bare:.2f}" if vs_bare is not None else "ratio ours/bare = n/a")
     print(f"ratio ours/naive = {vs_naive:.2f}" if vs_naive is not None else "ratio ours/naive = n/a")
+    if "replica" in all_runs:
+        for base in ("ours", "bare", "naive"):
+            value = ratio("replica", base)
+            print(f"ratio replica/{base} = {value:.2f}" if value is not None else f"ratio replica/{base} = n/a")
     print(f"machine: {machine()}, load average {os.getloadavg()[0]:.2f}")
     workers = ",".join(f"{name}={run.workers}" for name, run in chosen.items() if run)
     cmd_args = os.environ.get("GUNICORN_CMD_ARGS")

@@ -48,6 +48,10 @@ ADVICE = {
     "ERROR_METHOD_NOT_FOUND": "The portal does not offer this method: check that inventory management (catalog) "
                               "is available and the scope is granted.",
     "PAYMENT_REQUIRED": "The app's paid period is over.",
+    "invalid_grant": "The app's refresh token is no longer valid: reinstall the app on the portal, or put a new "
+                     "refresh_token in the portals file, then replay the request.",
+    "OAUTH_TOKEN_LOST": "Reinstall the app on the portal, or put a new refresh_token in the portals file, then "
+                        "replay the request.",
     "ACCESS_ERROR": "The webhook's user is not a member of the report chat: add them to it.",
     "CHAT_ID": "The report chat does not exist: check the chat id in the settings.",
     "USER_NOT_FOUND": "The report chat's user does not exist: check the chat id in the settings.",

@@ -14,7 +14,7 @@ from typing import Any
 import werkzeug.formparser  # noqa: F401 - loaded with the app (preloaded in gunicorn's master), not on the first event
 from flask import Blueprint, request
 
-from handlers.intake import IntakeError, Reply, constant_time_in, services, submit
+from handlers.intake import IntakeError, Reply, constant_time_in, keep_app_tokens, services, submit
 from handlers.metrics import count_event
 
 bp = Blueprint("events", __name__)
@@ -43,6 +43,8 @@ def event() -> Reply:
     if (portal.member_id and member_id != portal.member_id) or (
             portal.domain and (domain or "").lower() != portal.domain.lower()):
         raise IntakeError(401, UNAUTHORIZED)
+    if portal.oauth is not None and "auth[access_token]" in form:
+        keep_app_tokens(svc.redis, portal, form)
     name = form.get("event", "").strip().upper()
     object_id = form.get("data[FIELDS][ID]", "").strip()
     if not EVENT_NAME.match(name):

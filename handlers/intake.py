@@ -14,8 +14,10 @@ from flask import Request, current_app
 from redis import Redis
 from standardwebhooks.webhooks import Webhook
 
+from bitrix24.auth import offer_tokens
 from bitrix24.limits import LeakyBucket, OperatingBudget
 from jobs import policy, records
+from jobs.durability import NotReplicated
 from jobs.enqueue import Submitter
 from settings import (
     BITRIX24_CALLER,
@@ -92,7 +94,7 @@ class Services:
             sandbox = (bytes.fromhex(sandbox_caller.key_hashes[0]), sandbox_caller)
             callers.append(sandbox_caller)
         portals = dict(settings.portals)
-        return cls(settings=settings, redis=conn, submitter=Submitter(conn, settings.request_ttl),
+        return cls(settings=settings, redis=conn, submitter=Submitter(conn, settings.request_ttl, settings.redis_min_replicas),
                    keys=[(bytes.fromhex(digest), caller) for caller in settings.callers.values()
                          for digest in caller.key_hashes],
                    verifiers=[(Webhook(secret), caller) for caller in settings.callers.values()
@@ -291,6 +293,13 @@ def cancel_request(body: dict[str, Any], portal: Portal, source: str, source_ref
     return request_
 
 
+# A 503 after a write that too few replicas confirmed (REDIS_MIN_REPLICAS): the request may exist.
+NOT_REPLICATED = ("the request was written but no Redis replica confirmed it in time, so it may or may not have "
+                  "been accepted; retry with the same idempotency key: the retry returns that same request (200) "
+                  "if it exists, so nothing is done twice")
+NOT_REPLICATED_NO_KEY = ("the request was written but no Redis replica confirmed it in time, so it may or may not "
+                         "have been accepted; it had no Idempotency-Key, so a retry may create a second request: "
+                         "send one so that retries are safe")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
@@ -324,6 +333,11 @@ def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: 
     try:
         result = svc.submitter.submit(request_id, request_, policy.FIRST_JOBS[first_job],
                                       policy.first_job_id(first_job, request_id), idempotency_key=idem)
+    except NotReplicated:
+        # The write reached the primary but too few replicas confirmed it: a failover now could lose it, so no
+        # 2xx. It may still exist: the same key's retry finds it and answers 200, so nothing is doubled.
+        log.warning("request not confirmed by replicas at intake", extra={"request_id": request_id})
+        raise IntakeError(503, NOT_REPLICATED if key else NOT_REPLICATED_NO_KEY) from None
     except redis.RedisError:
         log.warning("redis unavailable at intake")
         raise IntakeError(503, "the service cannot store requests right now; retry later") from None
@@ -338,6 +352,15 @@ def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: 
     if not result.created:
         body["duplicate"] = True
     return body, 202 if result.created else 200
+
+
+def keep_app_tokens(conn: Redis, portal: Portal, form: Any) -> None:
+    """Store the fresh OAuth tokens an authenticated app call carried, if newer than the service's own."""
+    assert portal.oauth is not None
+    try:
+        offer_tokens(conn, portal.name, portal.oauth, form)
+    except redis.RedisError:
+        log.warning("redis unavailable: event tokens not stored", extra={"portal": portal.name})
 
 
 def held_back(svc: Services, portal: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from handlers.intake import (
     Reply,
     cancel_request,
     constant_time_in,
+    keep_app_tokens,
     services,
     submit,
 )
@@ -63,6 +64,10 @@ def robot() -> Reply:
         if args.get(name):
             body[name] = args[name]
     form = request.form if request.method == "POST" else {}
+    # An app robot's call carries the app's fresh tokens; kept only if its application token is the portal's.
+    if portal.oauth is not None and form and "auth[access_token]" in form and portal.application_token and \
+            constant_time_in(form.get("auth[application_token]", ""), [portal.application_token]):
+        keep_app_tokens(svc.redis, portal, form)
     source_ref = _robot_document(form) if form else None
     request_ = cancel_request(body, portal, source="robot", source_ref=source_ref)
     documents = ",".join(map(str, request_.get("document_ids") or request_.get("document_numbers") or []))

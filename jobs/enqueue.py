@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis
-from redis.client import Pipeline
+from redis.exceptions import NoScriptError
 from rq import Queue, Retry
 from rq.callbacks import Callback
 from rq.exceptions import DuplicateJobError
@@ -31,6 +31,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now, utcformat
 
 from jobs import policy, records
+from jobs.durability import durable
 
 # Abandoned jobs (their worker was killed) do not reach RQ's exception handlers; this callback
 # reports them (see jobs/hooks.py).
@@ -136,9 +137,10 @@ def _lua_pairs(fields: dict[str, Any], encoder: Any) -> str:
 class Submitter:
     """Writes requests and their first job; built once per process, used by every request."""
 
-    def __init__(self, conn: redis.Redis, record_ttl: int) -> None:
+    def __init__(self, conn: redis.Redis, record_ttl: int, min_replicas: int = 0) -> None:
         self.conn = conn
         self.record_ttl = record_ttl
+        self.min_replicas = min_replicas
         self.queues = {name: Queue(name, connection=conn, serializer=JSONSerializer)
                        for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE)}
         self._scripts: dict[tuple[str, str], Any] = {}
@@ -164,13 +166,7 @@ class Submitter:
     def submit(self, request_id: str, request: dict[str, Any], func: str, job_id: str,
                queue: str = policy.CANCEL_QUEUE, idempotency_key: str | None = None) -> Submitted:
         """Write the record, enqueue `func(request_id)` and map the idempotency key to it, unless the key is
-        known already; one round trip (see `call` to run it in a pipeline of your own)."""
-        return Submitted.read(self.call(self.conn, request_id, request, func, job_id, queue, idempotency_key))
-
-    def call(self, client: redis.Redis | Pipeline, request_id: str, request: dict[str, Any], func: str,
-             job_id: str, queue: str = policy.CANCEL_QUEUE, idempotency_key: str | None = None) -> Any:
-        """Run the submit script on `client`: a connection answers its reply (read it with `Submitted.read`);
-        a pipeline only queues it, and its reply is then among the pipeline's results."""
+        known already; one round trip (with REDIS_MIN_REPLICAS, the same round trip carries a WAIT)."""
         q = self.queues[queue]
         script = self._script(q, func)
         record = records.new_record(request)
@@ -179,13 +175,27 @@ class Submitter:
                 Queue.redis_queues_keys]
         if idempotency_key:
             keys.append(idempotency_key)
-        return script(
-            keys=keys,
-            args=[self.record_ttl, job_id, q.key, record["request"], record["documents"], record["created_at"],
-                  data, utcformat(now()), f"{func.rsplit('.', 1)[-1]}({request_id})", request_id,
-                  records.fingerprint(request) if idempotency_key else ""],
-            client=client,
-        )
+        args = [self.record_ttl, job_id, q.key, record["request"], record["documents"], record["created_at"],
+                data, utcformat(now()), f"{func.rsplit('.', 1)[-1]}({request_id})", request_id,
+                records.fingerprint(request) if idempotency_key else ""]
+        return Submitted.read(self._run(script, keys=keys, args=args))
+
+    def _run(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
+        """Run the submit script; with REDIS_MIN_REPLICAS > 0 its EVALSHA and a WAIT share one pipeline (one
+        round trip), and NotReplicated means the write may exist on the primary only."""
+        if not self.min_replicas:
+            return script(keys=keys, args=args)
+
+        def write(pipe: Any) -> None:
+            # EVALSHA directly: a Script registered on a pipeline costs a SCRIPT EXISTS round trip per execute.
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+        try:
+            return durable(self.conn, self.min_replicas, write)[0]
+        except NoScriptError:
+            # A new primary after a failover starts with an empty script cache; the script did not run.
+            self.conn.script_load(script.script)
+            return durable(self.conn, self.min_replicas, write)[0]
 
 
 # A follow-up job with the same id in one of these states is already on its way: leave it.

@@ -10,6 +10,7 @@ import logging
 import sys
 
 import observability
+import redisconn
 from settings import SettingsError, load_settings
 
 try:
@@ -34,4 +35,9 @@ for _portal in _settings.portals.values():
     logging.getLogger("b24cancel.worker").info("portal", extra={"portal": _portal.name, "url": _portal.masked_url,
                                                                 "chat": _portal.chat, "rules": len(_portal.rules)})
 
-REDIS_URL = _settings.redis_url
+# RQ reads REDIS_URL, or a SENTINEL dict (rq.cli.helpers.get_redis_from_config) for a Sentinel URL: then the
+# worker, its work-horses and its scheduler find the primary through the sentinels, as the web does.
+if redisconn.is_sentinel_url(_settings.redis_url):
+    SENTINEL = redisconn.rq_sentinel_config(redisconn.parse_sentinel_url(_settings.redis_url))
+else:
+    REDIS_URL = _settings.redis_url

@@ -400,10 +400,19 @@ def send() -> Response:
     """POST a Bitrix24-style outgoing event to a loopback URL and report the handler's answer."""
     data = _body()
     portal = _portal()
+    tokens: dict[str, str] | None = None
     with portal.lock:
         config = portal.config.copy()
+        if data.get("with_tokens") or data.get("with_refresh_token"):
+            # An app's handler gets a fresh pair of the app's user; refresh_token only with some events.
+            now = time.time()
+            access, refresh = portal.tokens.issue(config.token_lifetime, now)
+            answer = token_answer(portal, access, refresh, config.token_lifetime, now)
+            names = ["access_token", "expires", "expires_in", "scope", "status", "user_id"]
+            names += ["refresh_token"] if data.get("with_refresh_token") else []
+            tokens = {name: str(answer[name]) for name in names}
     try:
-        return json_response(send_event(config, data))
+        return json_response(send_event(config, data, tokens))
     except EventError as exc:
         raise BadRequest(str(exc)) from None
     except OSError as exc:

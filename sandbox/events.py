@@ -40,8 +40,12 @@ def loopback_target(url: str) -> tuple[str, str, int, str]:
     return parts.scheme, host, port, path
 
 
-def event_form(config: Config, spec: dict[str, Any]) -> list[tuple[str, str]]:
-    """The form fields of an outgoing event exactly as Bitrix24 names them (all values strings)."""
+def event_form(config: Config, spec: dict[str, Any], tokens: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """The form fields of an outgoing event exactly as Bitrix24 names them (all values strings).
+
+    With `tokens` (an app's event handler) the `auth` part also carries them: access_token, expires,
+    expires_in, scope, status, user_id, and refresh_token when the event sends one.
+    """
     event = spec.get("event")
     if not isinstance(event, str) or not event:
         raise EventError("`event` is required")
@@ -64,16 +68,17 @@ def event_form(config: Config, spec: dict[str, Any]) -> list[tuple[str, str]]:
         ("auth[member_id]", str(spec.get("member_id") or config.member_id)),
         ("auth[application_token]", str(spec.get("application_token") or config.application_token)),
     ]
+    fields += [(f"auth[{name}]", value) for name, value in (tokens or {}).items()]
     return fields
 
 
-def send_event(config: Config, spec: dict[str, Any]) -> dict[str, Any]:
-    """POST the event and report the handler's status, body and the time it took."""
+def send_event(config: Config, spec: dict[str, Any], tokens: dict[str, str] | None = None) -> dict[str, Any]:
+    """POST the event (with an app's `tokens` in `auth`, if given) and report the handler's answer and time."""
     url = spec.get("url")
     if not isinstance(url, str):
         raise EventError("`url` is required")
     scheme, host, port, path = loopback_target(url)
-    body = urlencode(event_form(config, spec))
+    body = urlencode(event_form(config, spec, tokens))
     connection_class = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
     started = time.perf_counter()
     connection = connection_class(host, port, timeout=SEND_TIMEOUT_SECONDS)

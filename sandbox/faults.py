@@ -9,13 +9,16 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Kinds of fault and what each does to a matching /rest HTTP request.
+# Kinds of fault and what each does to a matching /rest HTTP request. The OAuth token endpoint is matched
+# only by rules that name it (`"method": "oauth.token"`); there `applied_then_timeout` rotates the refresh
+# token and then loses the answer.
 KINDS = {
     "error500": "HTTP 500 INTERNAL_SERVER_ERROR; nothing is applied",
     "drop": "the connection is closed without any answer; nothing is applied",
     "slow": "wait `seconds` (default 1), then process and answer normally",
     "applied_then_timeout": "the call takes effect, then the answer stalls `seconds` (default 30) "
                             "and the connection is closed without an answer",
+    "late": "process and apply the call at once, then hold the answer `seconds` (default 1) before sending it",
     "query_limit": "HTTP 503 QUERY_LIMIT_EXCEEDED; nothing is applied",
     "overload": "HTTP 503 OVERLOAD_LIMIT; nothing is applied",
     "not_json": "the call takes effect, then a proxy answers HTTP 200 with an HTML page instead of the JSON",
@@ -23,7 +26,7 @@ KINDS = {
     "proxy_limit": "a proxy answers HTTP 429 with an HTML page; nothing is applied",
 }
 
-DEFAULT_SECONDS = {"slow": 1.0, "applied_then_timeout": 30.0}
+DEFAULT_SECONDS = {"slow": 1.0, "late": 1.0, "applied_then_timeout": 30.0}
 
 
 class FaultError(ValueError):
@@ -98,14 +101,16 @@ class FaultBook:
         """Remove every rule."""
         self.rules.clear()
 
-    def pick(self, methods: set[str]) -> FaultRule | None:
+    def pick(self, methods: set[str], named_only: bool = False) -> FaultRule | None:
         """The rule that fires for a request touching `methods` (lower-case names), if any.
 
         A rule with `times` is consulted by that many matching requests, each time firing
-        with probability `rate`.
+        with probability `rate`. With `named_only`, rules without a method do not match.
         """
         for rule in self.rules:
             if rule.remaining is not None and rule.remaining <= 0:
+                continue
+            if rule.method is None and named_only:
                 continue
             if rule.method is not None and rule.method.lower() not in methods:
                 continue

@@ -16,6 +16,8 @@ from sandbox.jsonutil import json_response
 if TYPE_CHECKING:
     from sandbox.state import Portal
 
+# The name fault rules give the token endpoint (`{"kind": "drop", "method": "oauth.token"}`).
+OAUTH_METHOD = "oauth.token"
 # Refresh tokens live 180 days in Bitrix24 OAuth.
 REFRESH_TOKEN_LIFETIME = 180 * 24 * 3600
 # Application status in token answers: "L" = local application.
@@ -96,6 +98,15 @@ def refresh_token() -> Response:
     args = request.values
     grant_type = args.get("grant_type", "")
     with portal.lock:
+        rule = portal.faults.pick({OAUTH_METHOD}, named_only=True)
+    kind = rule.kind if rule else None
+    if kind == "drop":
+        return _drop(request)
+    if kind == "error500":
+        return _oauth_error("server_error", "Internal server error", 500)
+    if kind == "slow" and rule and rule.seconds:
+        time.sleep(rule.seconds)
+    with portal.lock:
         portal.stats["oauth_refreshes"] += 1
         if grant_type != "refresh_token":
             portal.stats["oauth_refresh_errors"] += 1
@@ -111,4 +122,17 @@ def refresh_token() -> Response:
         access, refresh = portal.tokens.issue(lifetime, now)
         answer = token_answer(portal, access, refresh, lifetime, now)
         answer["domain"] = OAUTH_SERVER_DOMAIN
-        return json_response(answer)
+    if kind == "applied_then_timeout":
+        # The old refresh token is spent and the new pair issued, but the client never gets it.
+        time.sleep(rule.seconds if rule and rule.seconds else 0)
+        return _drop(request)
+    if kind == "late" and rule and rule.seconds:
+        time.sleep(rule.seconds)  # the pair is issued and the old token spent; the answer is only late
+    return json_response(answer)
+
+
+def _drop(req: Any) -> Response:
+    # Imported here: sandbox.rest imports the portal state, which imports this module.
+    from sandbox.rest import _drop_connection
+
+    return _drop_connection(req)

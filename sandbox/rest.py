@@ -206,6 +206,8 @@ class RestCall:
             portal.finish_call(record, self.generation, None, outcome.error, kind, applied)
             time.sleep(rule.seconds if rule and rule.seconds else 0)
             return _drop_connection(self.request)
+        if kind == "late" and rule and rule.seconds:
+            time.sleep(rule.seconds)
         portal.finish_call(record, self.generation, outcome.status, outcome.error, kind, applied)
         return json_response(outcome.body, outcome.status)
 
