@@ -23,12 +23,16 @@ from app import create_app
 from tests.helpers import API_KEY, SandboxView, bearer, wait_for
 
 READ_TIMEOUT = "1.5"  # seconds: short, so "applied, then timed out" answers time out quickly
+# Bitrix24's execution limit as the ambiguity rule counts it: short, so an unanswered call settles in seconds
+# (limit + policy.AMBIGUITY_MARGIN); the sandbox's faults in these tests finish well within it.
+EXECUTION_LIMIT = "2"
 
 
 def service_env(redis_url: str, webhook: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("B24_", "TRIGGER_", "SENTRY_"))}
     env.update({"REDIS_URL": redis_url, "B24_WEBHOOK_URL": webhook, "B24_CHAT_ID": "chat1",
-                "TRIGGER_API_KEYS": API_KEY, "B24_READ_TIMEOUT": READ_TIMEOUT, "B24_CONNECT_TIMEOUT": "1"})
+                "TRIGGER_API_KEYS": API_KEY, "B24_READ_TIMEOUT": READ_TIMEOUT, "B24_CONNECT_TIMEOUT": "1",
+                "B24_EXECUTION_LIMIT": EXECUTION_LIMIT})
     env.update(extra)
     return env
 
