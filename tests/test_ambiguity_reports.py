@@ -234,20 +234,23 @@ def test_replay_of_a_request_that_ran_out_of_retries_cancels_and_reports(
     request_id = submit(client, "out-of-retries", document_ids=[8], reason="retries")
     key = records.request_key(request_id)
     wait_for(lambda: int(conn.hget(key, "transient_failures") or 0) >= 1, timeout=20, what="a first failure")
-    # History, not an outcome: as if all but the last of the retries had been spent (each 500 here is
-    # followed by the ambiguity wait, so spending them for real would take minutes).
+    # History, not an outcome: as if all but the last of the retries had been spent (spending them for
+    # real, with backoff and the ambiguity rule's waits after each unanswered batch, takes minutes).
     conn.hset(key, "transient_failures", policy.TRANSIENT_RETRY_MAX)
     state = ended(client, request_id, state="failed", timeout=60)
     assert state["documents"][0]["outcome"] == "failed" and "INTERNAL_SERVER_ERROR" in state["documents"][0]["detail"]
     [failure] = carrying(portal, request_id)
     assert portal.document(8)["status"] == "Y"
 
+    spent = Job.fetch(f"cancel-{request_id}", connection=conn, serializer=JSONSerializer)
+    assert spent.retries_left == 0 and spent.number_of_retries  # RQ's budgets, as the failure left them
+
     portal.clear_faults()
     assert "cancel-" + request_id in replay(client, request_id)
     record = records.load(conn, request_id)
     assert record is not None and record["transient_failures"] == 0 and record["deferrals"] == 0
     job = Job.fetch(f"cancel-{request_id}", connection=conn, serializer=JSONSerializer)
-    assert job.retries_left == policy.CRASH_RETRY_MAX  # RQ's budgets start again too
+    assert job.retries_left == policy.CRASH_RETRY_MAX and not job.number_of_retries  # RQ's budgets start again too
     state = wait_for(lambda: (s := status(client, request_id))["state"] == "done" and s.get("message_id")
                      != failure["id"] and s, timeout=40, what="the replayed request to be cancelled and reported")
     assert state["documents"][0]["outcome"] == "cancelled"
@@ -323,3 +326,39 @@ def test_a_killed_work_horse_during_a_slow_post_still_gives_exactly_one_message(
     job = Job.fetch(f"notify-{request_id}", connection=conn, serializer=JSONSerializer)
     assert job.retries_left == policy.CRASH_RETRY_MAX - 1  # the horse really died mid-post: a crash retry ran
     assert reports_of(portal, conn, request_id) == [message]
+
+
+def test_an_oauth_app_finds_its_own_user_with_profile_once_and_finds_its_lost_post(
+        sandbox: devenv.Process, tmp_path: Path) -> None:
+    """An app has no user id in its URL: `profile` names the token's user, cached in Redis for every job."""
+    portal = SandboxView(sandbox.url)
+    tokens = portal.http.post("/_sandbox/oauth/tokens", json={"lifetime": 3600}).json()
+    path = tmp_path / "portals.toml"
+    path.write_text(textwrap.dedent(f"""
+        [portals.app]
+        client_endpoint = "{tokens['client_endpoint']}"
+        oauth_server = "{sandbox.url}/oauth/token/"
+        client_id = "{tokens['client_id']}"
+        client_secret = "{tokens['client_secret']}"
+        refresh_token = "{tokens['refresh_token']}"
+        chat = "chat1"
+    """))
+    own_redis = devenv.start_redis(tmp_path / "redis")  # apart from the module's worker and its portal
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("B24_", "TRIGGER_", "SENTRY_"))}
+    env.update({"REDIS_URL": own_redis.url, "B24_PORTALS_FILE": str(path), "B24_READ_TIMEOUT": str(READ_TIMEOUT),
+                "B24_EXECUTION_LIMIT": str(EXECUTION_LIMIT)})
+    worker = devenv.start_worker(env, log=tmp_path / "worker.log")
+    try:
+        client = create_app({"_env_file": None, "redis_url": own_redis.url, "b24_portals_file": str(path),
+                             "trigger_api_keys": API_KEY}).test_client()
+        portal.faults({"kind": "applied_then_timeout", "method": "im.message.add", "times": 1, "seconds": 2})
+        request_id = submit(client, "oauth-lost-post", document_ids=[11], reason="app")
+        state = ended(client, request_id)
+        [message] = carrying(portal, request_id)
+        assert state["message_id"] == message["id"] and len(posts(portal)) == 1
+        assert len(portal.calls("profile")) == 1
+        cached = redis.Redis.from_url(own_redis.url)
+        assert cached.get("b24c:service-user:app") == b"1" and cached.ttl("b24c:service-user:app") > 0
+    finally:
+        worker.stop()
+        own_redis.stop()
