@@ -103,8 +103,13 @@ def status(client: FlaskClient, request_id: str) -> dict[str, Any]:
 
 def ended(client: FlaskClient, request_id: str, state: str = "done", timeout: float = 40) -> dict[str, Any]:
     """The request's status once it is `state` with its report noted (done or failed)."""
-    return wait_for(lambda: (s := status(client, request_id))["state"] == state and s.get("message_id") and s,
-                    timeout=timeout, what=f"request {request_id} to be {state} with a report")
+    def reported() -> dict[str, Any] | None:
+        answer = status(client, request_id)
+        return answer if answer["state"] == state and answer.get("message_id") else None
+
+    found = wait_for(reported, timeout=timeout, what=f"request {request_id} to be {state} with a report")
+    assert found is not None
+    return found
 
 
 def carrying(portal: SandboxView, request_id: str) -> list[dict[str, Any]]:
@@ -112,9 +117,16 @@ def carrying(portal: SandboxView, request_id: str) -> list[dict[str, Any]]:
     return [m for m in portal.messages() if f"#{request_id}" in m["message"]]
 
 
+def nonce_of(conn: redis.Redis, request_id: str) -> str:
+    """The nonce of the request's current report round, read from its record (as only the service can)."""
+    raw = conn.hget(records.request_key(request_id), "report_nonce")
+    assert isinstance(raw, bytes)
+    return raw.decode().partition(":")[2]
+
+
 def reports_of(portal: SandboxView, conn: redis.Redis, request_id: str) -> list[dict[str, Any]]:
     """The request's real reports: by the service's user, ending with its request line (any round)."""
-    nonce = str(conn.hget(records.request_key(request_id), "report_nonce") or b"", "utf-8").partition(":")[2]
+    nonce = nonce_of(conn, request_id)
     return [m for m in portal.messages() if m["author_id"] == SERVICE_USER and nonce
             and m["message"].rstrip().endswith(nonce) and f"#{request_id}" in m["message"].splitlines()[-1]]
 
@@ -165,9 +177,7 @@ def test_forged_markers_in_a_reason_or_by_another_user_do_not_suppress_a_report(
     portal.faults({"kind": "drop", "method": "im.message.add", "times": 1})
     victim = submit(client, "forged-victim", document_ids=[5], reason="victim")
     wait_for(lambda: posts(portal), timeout=20, what="the victim's first (dropped) post")
-    raw = conn.hget(records.request_key(victim), "report_nonce")
-    assert raw is not None
-    nonce = raw.decode().partition(":")[2]
+    nonce = nonce_of(conn, victim)
     line = f"Request #{victim} · {nonce}"
     # The strongest forgeries: both carry the victim's exact request line, secret nonce included.
     forged = portal.http.post("/_sandbox/messages", json={"dialog_id": "chat1", "author_id": OTHER_USER,
@@ -225,7 +235,7 @@ def test_replay_of_an_event_whose_object_could_not_be_read_reads_it_again(
     assert len(portal.calls("crm.item.get")) == 2  # read again, not the saved failed resolution
     assert len([c for c in portal.calls("catalog.document.cancel") if c.get("applied")]) == 1
     first, second = carrying(portal, request_id)
-    assert second["id"] == state["message_id"] and "replay 2" in second["message"]
+    assert first == failure and second["id"] == state["message_id"] and "replay 2" in second["message"]
 
 
 def test_replay_of_a_request_that_ran_out_of_retries_cancels_and_reports(
@@ -257,7 +267,7 @@ def test_replay_of_a_request_that_ran_out_of_retries_cancels_and_reports(
     assert portal.document(8)["status"] != "Y"
     assert len([c for c in portal.calls("catalog.document.cancel") if c.get("applied")]) == 1
     first, second = carrying(portal, request_id)
-    assert "replay 2" in second["message"] and second["id"] == state["message_id"]
+    assert first == failure and "replay 2" in second["message"] and second["id"] == state["message_id"]
 
 
 # ---- (e), (f): every way RQ gives up ends the request with a report --------------------------------------
@@ -318,6 +328,7 @@ def test_a_killed_work_horse_during_a_slow_post_still_gives_exactly_one_message(
     request_id = submit(client, "kill-during-post", document_ids=[10], reason="kill")
     wait_for(lambda: posts(portal), timeout=20, interval=0.02, what="the slow post to start")
     horse = wait_for(lambda: horse_of(stack["worker"]), timeout=5, interval=0.02, what="the work-horse")
+    assert horse is not None
     os.kill(horse, signal.SIGKILL)
     state = ended(client, request_id, timeout=60)
     [message] = carrying(portal, request_id)
