@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import redis
@@ -71,6 +71,7 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
     nonce = round_nonce(record, round_)
     sent_at = float(record.get("report_sent_at") or 0)
     unanswered = record.get("report_sent") == str(round_) and nonce is not None
+    posting = False
     try:
         message_id = None
         if unanswered:
@@ -79,7 +80,10 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
                 return defer(conn, request_id, settled, "an unanswered report post may still be running")
             line = report.request_line(request_id, round_, nonce, portal.language)  # type: ignore[arg-type]
             message_id = find_posted(client, chat, line, service_user(conn, client, portal), since=sent_at)
+            if message_id is None and int(record.get("report_failures") or 0) > policy.TRANSIENT_RETRY_MAX:
+                fail_report(conn, request_id, str(record.get("report_error") or "the report post got no answer"))
         if message_id is None:
+            posting = True
             nonce = nonce or secrets.token_hex(NONCE_BYTES)
             sent_at = time.time()
             if not note_post(conn, ctx.settings.redis_min_replicas, request_id, round_, nonce, sent_at):
@@ -94,14 +98,23 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
         if retry is not None:
             return retry
         advice = f" {err.advice}" if err.advice else ""
-        records.save(conn, request_id, state="failed", report_error=f"{err.code}: {err.description}.{advice}",
-                     finished_at=records.now_text(), waiting_for="", resume_at="")
-        final_failure(f"request {request_id}: report not posted: {err}")
+        why = f"{err.code}: {err.description}.{advice}"
+        if posting and err.ambiguous:  # out of retries, but this last post may have landed: look once more
+            return defer(conn, request_id, policy.settled_after(sent_at, limit), "a last look for the report",
+                         report_error=why)
+        fail_report(conn, request_id, why)
     records.save(conn, request_id, message_id=str(message_id), reported_round=str(round_),
                  state=final_state(record), finished_at=records.now_text(),
-                 waiting_for="", resume_at="")
+                 waiting_for="", resume_at="", report_error="")
     log.info("report posted", extra={"request_id": request_id, "portal": portal.name, "message_id": message_id})
     return {"message_id": message_id}
+
+
+def fail_report(conn: redis.Redis, request_id: str, why: str) -> NoReturn:
+    """The report could not be posted: the request ends failed, saying why, with its job kept for a replay."""
+    records.save(conn, request_id, state="failed", report_error=why, finished_at=records.now_text(),
+                 waiting_for="", resume_at="")
+    final_failure(f"request {request_id}: report not posted: {why}")
 
 
 def round_nonce(record: dict[str, Any], round_: int) -> str | None:

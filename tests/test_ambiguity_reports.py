@@ -170,6 +170,19 @@ def test_a_post_that_lost_its_answer_gives_exactly_one_message(
         assert again[0]["time"] >= first["time"] + SETTLE - 0.5
 
 
+def test_a_last_unanswered_post_past_the_retry_budget_is_still_looked_for(
+        client: FlaskClient, portal: SandboxView, conn: redis.Redis) -> None:
+    portal.faults({"kind": "applied_then_timeout", "method": "im.message.add", "times": 1, "seconds": 2})
+    request_id = submit(client, "last-post", document_ids=[12], reason="last")
+    # History, not an outcome: the report has used up its retries, so this post is its last.
+    conn.hset(records.request_key(request_id), "report_failures", policy.TRANSIENT_RETRY_MAX)
+    state = ended(client, request_id)
+    [message] = carrying(portal, request_id)
+    assert state["message_id"] == message["id"] and "report_error" not in state
+    [post] = posts(portal)
+    assert post["fault"] == "applied_then_timeout" and searches(portal)[0]["time"] >= post["time"] + SETTLE - 0.5
+
+
 # ---- (c): forged markers never suppress a report ---------------------------------------------------------
 
 def test_forged_markers_in_a_reason_or_by_another_user_do_not_suppress_a_report(
