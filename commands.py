@@ -8,6 +8,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from jobs import policy, records
@@ -21,21 +22,33 @@ NEW_KEY_BYTES = 32
 @click.argument("request_id")
 @with_appcontext
 def replay(request_id: str) -> None:
-    """Requeue a request's failed jobs: its failed documents are tried again and a new report is posted."""
+    """Requeue a request's failed jobs: its failed documents are tried again and a new report is posted.
+
+    The record's retry budgets start again (attempts stay, as history), and so do each job's RQ retries:
+    the crash budget (`retries_left`) and RQ's count of returned Retries (`number_of_retries`, which RQ
+    never resets itself). The jobs see the failed state and start a new round (a failed event reads its
+    object again).
+    """
     svc = current_app.extensions["b24cancel"]
-    if records.load(svc.redis, request_id) is None:
+    conn = svc.redis
+    if records.load(conn, request_id) is None:
         raise click.ClickException(f"no request {request_id} (unknown, or older than the retention period)")
-    requeued = []
+    failed = []
     for queue_name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE):
-        registry = Queue(queue_name, connection=svc.redis, serializer=JSONSerializer).failed_job_registry
+        registry = Queue(queue_name, connection=conn, serializer=JSONSerializer).failed_job_registry
         for kind in ("cancel", "resolve", "notify"):
             job_id = f"{kind}-{request_id}"
             if job_id in registry:
-                registry.requeue(job_id)
-                requeued.append(job_id)
-    if not requeued:
+                failed.append((registry, job_id))
+    if not failed:
         raise click.ClickException(f"request {request_id} has no failed job to replay")
-    click.echo(f"requeued {', '.join(requeued)}")
+    records.save(conn, request_id, deferrals="0", transient_failures="0", report_failures="0")
+    for registry, job_id in failed:
+        job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+        job.retries_left = policy.CRASH_RETRY_MAX
+        job.number_of_retries = 0
+        registry.requeue(job)  # saves the job with its fresh budgets, then enqueues it
+    click.echo(f"requeued {', '.join(job_id for _, job_id in failed)}")
 
 
 @click.command("check-config")

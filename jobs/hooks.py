@@ -1,6 +1,12 @@
 """Failure paths RQ does not route through the job's own code: final crashes, abandoned jobs and killed
 work-horses.
 
+Every way RQ 3.0 gives up on a job ends its request here, with a report: a final raised failure, a job
+timeout and an abandoned job reach `on_job_failure` (rq/worker/base.py `_finalize_failure`, rq/registry.py
+`StartedJobRegistry.cleanup`); a killed work-horse reaches CancelWorker.handle_work_horse_killed. RQ's
+limit on returned Retries would fail a job without either (rq/worker/base.py `handle_job_retry`), so our
+jobs never let it run out (jobs/lifecycle.py `reschedule`).
+
 Sentry's RQ integration only sees exceptions raised inside a job. A job whose worker was killed is
 found later by RQ's maintenance (AbandonedJobError, through the job's failure callback); a work-horse
 killed by a signal or the OOM killer is seen only by its parent (CancelWorker). Both are reported here.
@@ -80,6 +86,6 @@ def end_request(conn: redis.Redis, job: Job, why: str) -> None:
             doc.update(outcome="failed", detail=detail + unsure)
     records.save(conn, request_id, documents=docs, state="failed", error=detail, finished_at=records.now_text())
     log.warning("request ended by a failed job", extra={"request_id": request_id, "job_id": job.id, "why": why})
-    if docs:
-        enqueue_followup(conn, policy.NOTIFY_QUEUE, "jobs.notify.post_report", request_id,
-                         policy.notify_job_id(request_id))
+    # Always reported, a failed resolve too (no documents: the report says the event's object was not read).
+    enqueue_followup(conn, policy.NOTIFY_QUEUE, "jobs.notify.post_report", request_id,
+                     policy.notify_job_id(request_id))

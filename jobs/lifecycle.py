@@ -120,11 +120,19 @@ class Lease:
                 log.warning("lease not renewed: Redis unreachable", extra={"lease": self.key, "error": str(exc)})
 
     def wait(self) -> Retry:
-        """Reschedule this copy of the job for when the other run's lease ends (the record is not touched)."""
+        """Reschedule this copy of the job for when the other run's lease ends.
+
+        Each wait counts as one of the request's deferrals (only that counter is touched: the other run
+        owns the record), so a lease that never ends still ends the request after DEFER_MAX waits.
+        """
         remaining = self.conn.pttl(self.key)
         delay = max(1, math.ceil(remaining / 1000)) if remaining and remaining > 0 else 1
+        request_id = self.key.rsplit(":", 1)[-1]  # lease_key() ends with the request id
+        waited = records.increment(self.conn, request_id, "deferrals")
+        if waited > policy.DEFER_MAX:
+            give_up(f"request {request_id} waited {policy.DEFER_MAX} times (another run held it); giving up")
         log.info("another run holds the request; waiting", extra={"lease": self.key, "delay_s": delay})
-        return Retry(max=policy.DEFER_MAX + 1, interval=[delay])
+        return reschedule(delay, policy.DEFER_MAX - waited)
 
 
 # Renewals per lease life: a renewal may fail twice (a Redis blip) before the lease could lapse.
@@ -163,37 +171,64 @@ def exclusively(conn: redis.Redis, kind: str, request_id: str,
         lease.release()
 
 
+def reschedule(delay: int, left: int) -> Retry:
+    """The `Retry` a job returns to run again in `delay` seconds; RQ always honours it.
+
+    RQ counts returned Retries in `job.number_of_retries` and never resets it (rq/job.py
+    `_handle_retry_result`); once that count reaches the returned `Retry.max`, rq/worker/base.py
+    `handle_job_retry` fails the job without calling its failure callback, and the request would stay
+    `retrying` with no report. So RQ's count must never be what runs out: `max` is always one more than
+    what RQ has counted (plus what our own budget has left, for RQ's log line), and our counters
+    (`deferrals`, the transient budgets) decide when to stop, by ending the request themselves.
+    """
+    job = get_current_job()
+    counted = (job.number_of_retries or 0) if job is not None else 0
+    return Retry(max=counted + max(left, 1), interval=[max(1, delay)])
+
+
+def give_up(message: str) -> NoReturn:
+    """Our wait budget is spent: fail the job for good so the failure callback ends the request with a report."""
+    job = get_current_job()
+    if job is not None:
+        job.retries_left = 0
+    raise LimitsOutlasted(message)
+
+
 def defer(conn: redis.Redis, request_id: str, until: float, why: str, **fields: Any) -> Retry:
     """Save `fields`, show the request as retrying until `until`, and reschedule the job through RQ's scheduler.
 
     A returned `Retry` is counted apart from the enqueue-time one, so waiting for a limit never uses up
-    the crash-retry budget.
+    the crash-retry budget; and it is one RQ never refuses (see `reschedule`).
     """
     records.save(conn, request_id, state="retrying", resume_at=f"{until:.3f}", waiting_for=why, **fields)
-    if records.increment(conn, request_id, "deferrals") > policy.DEFER_MAX:
-        job = get_current_job()
-        if job is not None:
-            job.retries_left = 0
-        raise LimitsOutlasted(f"request {request_id} waited {policy.DEFER_MAX} times ({why}); giving up")
+    deferrals = records.increment(conn, request_id, "deferrals")
+    if deferrals > policy.DEFER_MAX:
+        give_up(f"request {request_id} waited {policy.DEFER_MAX} times ({why}); giving up")
     delay = max(1, math.ceil(until - time.time()))
     log.info("job rescheduled", extra={"request_id": request_id, "delay_s": delay, "why": why})
-    return Retry(max=policy.DEFER_MAX + 1, interval=[delay])
+    return reschedule(delay, policy.DEFER_MAX - deferrals)
 
 
-def retry_later(conn: redis.Redis, request_id: str, err: Bitrix24Error, counter: str, **fields: Any) -> Retry | None:
+def retry_later(conn: redis.Redis, request_id: str, err: Bitrix24Error, counter: str,
+                not_before: float | None = None, **fields: Any) -> Retry | None:
     """A Retry for an error worth trying again, or None when it is permanent or retries are used up.
 
     Limit answers (QUERY_LIMIT_EXCEEDED that outlasted the client's resends, OPERATION_TIME_LIMIT)
     never count against the request's retry budget; other transient errors do, with backoff.
+    `not_before` (the ambiguity rule: when an unanswered call can no longer be running) delays the
+    next try at least that long.
     """
+    floor = not_before or 0.0
     if err.code == RATE_LIMITED:
-        return defer(conn, request_id, time.time() + policy.RATE_LIMIT_DEFER, str(err), **fields)
+        return defer(conn, request_id, max(floor, time.time() + policy.RATE_LIMIT_DEFER), str(err), **fields)
     if err.code == OPERATING_LIMITED:
-        return defer(conn, request_id, err.reset_at or time.time() + policy.OPERATING_DEFER, str(err), **fields)
+        until = err.reset_at or time.time() + policy.OPERATING_DEFER
+        return defer(conn, request_id, max(floor, until), str(err), **fields)
     if err.retryable:
         failures = records.increment(conn, request_id, counter)
         if failures <= policy.TRANSIENT_RETRY_MAX:
-            return defer(conn, request_id, time.time() + policy.transient_backoff(failures), str(err), **fields)
+            until = max(floor, time.time() + policy.transient_backoff(failures))
+            return defer(conn, request_id, until, str(err), **fields)
     return None
 
 

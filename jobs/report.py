@@ -76,8 +76,20 @@ OBJECT_LINKS = {"crm.item.get:2": "/crm/deal/details/{id}/", "sale.shipment.get"
 
 
 def marker(request_id: str, round_: int) -> str:
-    """The tag that identifies a report in the chat, so an unanswered post is found, not repeated."""
+    """The request's tag in the chat (`#<id>`, `#<id>/<round>` for a replay): for people; it proves nothing."""
     return f"#{request_id}" if round_ <= 1 else f"#{request_id}/{round_}"
+
+
+def request_line(request_id: str, round_: int, nonce: str, language: str) -> str:
+    """The report's last line: the request's tag, then the round's secret nonce.
+
+    A lookup for an unanswered post accepts a message only if it was written by the service's own user
+    and ends with this exact line. The nonce is random, kept on the record and never shown by the status
+    API, so no sender can put it into a reason; and a reason is never a report's last line.
+    """
+    t = TEXT[language]
+    suffix = f" ({t['replay']} {round_})" if round_ > 1 else ""
+    return f"{t['request']} {marker(request_id, round_)}{suffix} · {nonce}"
 
 
 def document_url(portal: Portal, doc_id: int) -> str:
@@ -85,8 +97,8 @@ def document_url(portal: Portal, doc_id: int) -> str:
     return f"{portal.origin}/shop/documents/details/{doc_id}/"
 
 
-def render(record: dict[str, Any], portal: Portal, round_: int = 1) -> str:
-    """The report text for a finished request."""
+def render(record: dict[str, Any], portal: Portal, round_: int, nonce: str) -> str:
+    """The report text for a finished request, ending with its request line (see `request_line`)."""
     t = TEXT[portal.language]
     request = record["request"]
     docs = record["documents"]
@@ -119,8 +131,7 @@ def render(record: dict[str, Any], portal: Portal, round_: int = 1) -> str:
         lines.append(line)
         used += len(line) + 1
     lines.append("")
-    suffix = f" ({t['replay']} {round_})" if round_ > 1 else ""
-    lines.append(f"{t['request']} {marker(record['id'], round_)}{suffix}")
+    lines.append(request_line(record["id"], round_, nonce, portal.language))
     return "\n".join(lines)
 
 

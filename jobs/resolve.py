@@ -36,6 +36,10 @@ def run_resolve(conn: Any, request_id: str) -> dict[str, Any] | Retry:
     record = records.load(conn, request_id)
     if record is None:
         return {"skipped": "record expired"}
+    if record["state"] == "failed":  # only a failed resolve job ends a request here: this run is a replay
+        record = start_replay(conn, request_id, record)
+    elif (record.get("resolution") or {}).get("error"):  # an earlier run failed the read; its report is on its way
+        final_failure(f"request {request_id}: {record['resolution']['error']}")
     if record.get("resolution"):
         return continue_with(conn, request_id, record)
     request = record["request"]
@@ -84,6 +88,21 @@ def run_resolve(conn: Any, request_id: str) -> dict[str, Any] | Retry:
         request["reason"] = matched["reason"]
     records.save(conn, request_id, resolution=resolution, documents=docs, request=request)
     return continue_with(conn, request_id, records.load(conn, request_id) or record)
+
+
+def start_replay(conn: Any, request_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    """An operator requeued an event that failed: forget what was read, so the object is read again.
+
+    When that failure was reported, the replay is a new round, with a report of its own.
+    """
+    round_ = int(record.get("round", 1))
+    if int(record.get("reported_round", 0)) >= round_:
+        round_ += 1
+    conn.hdel(records.request_key(request_id), "resolution")
+    records.save(conn, request_id, round=str(round_), transient_failures="0", report_failures="0",
+                 error="", report_error="", state="queued")
+    log.info("replaying a failed event", extra={"request_id": request_id, "round": round_})
+    return records.load(conn, request_id) or record
 
 
 def continue_with(conn: Any, request_id: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -143,6 +143,26 @@ def list_messages() -> Response:
         return json_response([m.public() for m in portal.messages])
 
 
+@bp.post("/messages")
+def post_message() -> Response:
+    """Post a message as any chat member, as a person would in the portal's UI:
+    `{"dialog_id": "chat1", "author_id": 2, "message": "..."}`."""
+    data = _body()
+    dialog_id, author_id, text = data.get("dialog_id"), data.get("author_id"), data.get("message")
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest("`message` must be a non-empty string")
+    if isinstance(author_id, bool) or not isinstance(author_id, int):
+        raise BadRequest("`author_id` must be an integer")
+    portal = _portal()
+    with portal.lock:
+        chat = portal.chats.get(dialog_id) if isinstance(dialog_id, str) else None
+        if chat is None:
+            raise BadRequest("`dialog_id` must name an existing group chat")
+        if author_id not in chat.members:
+            raise BadRequest("the author is not a member of that chat")
+        return json_response(portal.add_message(chat, author_id, text, None).public())
+
+
 @bp.get("/chats")
 def list_chats() -> Response:
     """Every chat and private dialog with its members."""

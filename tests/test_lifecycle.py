@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 
 from bitrix24.errors import Bitrix24Error
@@ -56,3 +57,17 @@ def test_backoff_grows_with_jitter_and_stays_capped() -> None:
     late = [policy.transient_backoff(30) for _ in range(50)]
     assert max(first) <= 2 and min(fifth) >= 16 and len(set(fifth)) > 1
     assert max(late) <= policy.TRANSIENT_BACKOFF_CAP
+
+
+def test_waiting_for_another_run_counts_and_ends_after_the_wait_budget(redis_conn: redis.Redis) -> None:
+    from jobs.lifecycle import Lease, LimitsOutlasted, lease_key
+
+    request_id = new_request(redis_conn)
+    redis_conn.set(lease_key("cancel", request_id), "another-run", px=5000)
+    retry = Lease(redis_conn, "cancel", request_id).wait()
+    assert 4 <= retry.intervals[0] <= 5 and retry.max >= 1  # waits for the other run's lease to end
+    record = records.load(redis_conn, request_id)
+    assert record is not None and record["deferrals"] == 1
+    redis_conn.hset(records.request_key(request_id), "deferrals", policy.DEFER_MAX)
+    with pytest.raises(LimitsOutlasted):
+        Lease(redis_conn, "cancel", request_id).wait()

@@ -117,17 +117,17 @@ def record(outcomes: list[tuple[int, str]], **request: Any) -> dict[str, Any]:
 
 def test_report_names_every_document_with_a_link_and_carries_the_request_id() -> None:
     portal = Portal(name="default", webhook_url=WEBHOOK, chat="chat1")
-    text = report.render(record([(1, "cancelled"), (2, "refused")], reason="RMA [b]x[/b]"), portal)
+    text = report.render(record([(1, "cancelled"), (2, "refused")], reason="RMA [b]x[/b]"), portal, 1, "n0nce")
     assert "[url=https://example.bitrix24.com/shop/documents/details/1/]#1 T1[/url]" in text
     assert "refused" in text and "What to do" in text
     assert "RMA (b)x(/b)" in text  # outside text cannot inject BB codes
-    assert text.rstrip().endswith("#" + "r" * 32)
+    assert text.rstrip().endswith("#" + "r" * 32 + " · n0nce")
     assert "abc123secret" not in text
 
 
 def test_report_speaks_russian_and_stays_under_the_message_limit() -> None:
     portal = Portal(name="default", webhook_url=WEBHOOK, chat="chat1", language="ru")
-    text = report.render(record([(i, "failed") for i in range(1, 501)], reason="x" * 900), portal)
+    text = report.render(record([(i, "failed") for i in range(1, 501)], reason="x" * 900), portal, 1, "n0nce")
     assert "Не удалось" in text
     assert len(text) < 20_000
     assert "ещё" in text
