@@ -177,6 +177,14 @@ def start_redis(directory: Path, port: int | None = None, prefer_path: bool = Tr
     return proc
 
 
+def restart_redis(proc: Process, directory: Path, down_for: float, prefer_path: bool = True) -> Process:
+    """Stop a persistent Redis from `start_redis(persist=True)`, wait `down_for` seconds, start it again on its port."""
+    port = int(proc.url.rsplit(":", 1)[1].split("/", 1)[0])
+    proc.stop()
+    time.sleep(down_for)
+    return start_redis(directory, port=port, prefer_path=prefer_path, persist=True)
+
+
 def start_sandbox(port: int | None = None, args: list[str] | None = None,
                   log: Path | None = None) -> Process:
     """Start the sandbox portal; `url` is its root, `extra['webhook']` its incoming-webhook URL."""
