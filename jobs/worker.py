@@ -38,6 +38,7 @@ from jobs.outage import REDIS_OUTAGE_ERRORS, ride_out
 from jobs.scheduler import LiveScheduler
 from jobs.sweeper import sweep_stranded_jobs
 
+SWEEP_TURN_KEY = "b24c:sweeper:turn"
 # Free a maintenance lock only if it is still ours (it may have lapsed and been taken by another worker).
 RELEASE_IF_OURS = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -165,7 +166,7 @@ class CancelWorker(HerokuWorker):
         """Put back stranded jobs, then RQ's cleanup, for each queue whose (short-lived) maintenance lock we get."""
         held = [queue for queue in self.queues if self._lock_maintenance(queue)]
         try:
-            if held:
+            if held and self._sweep_due():
                 put_back = sweep_stranded_jobs(self.connection, [queue.name for queue in held])
                 if put_back:
                     self.log.warning("Worker %s: stranded jobs put back: %s", self.name, put_back)
@@ -178,6 +179,11 @@ class CancelWorker(HerokuWorker):
             for queue in held:
                 self._unlock_maintenance(queue)
         self.last_cleaned_at = now()
+
+    def _sweep_due(self) -> bool:
+        # The sweep scans every job hash: one sweep per maintenance interval across all workers, not one per
+        # worker's pass (the key lapses; nobody deletes it).
+        return bool(self.connection.set(SWEEP_TURN_KEY, self.name, nx=True, ex=max(1, int(self.maintenance_interval))))
 
     def _lock_maintenance(self, queue: Queue) -> bool:
         # RQ's key, so that other RQ workers on these queues still take turns with us.
