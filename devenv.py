@@ -69,6 +69,46 @@ class Process:
             pass
         self.popen.wait(5)
 
+    def kill_tree(self) -> None:
+        """SIGKILL the process group and every descendant's own group at once, as a container kill does.
+
+        An RQ work-horse calls setpgrp(), so killing the worker's group alone leaves it running.
+        """
+        groups = {self.popen.pid}
+        for pid in descendants(self.popen.pid):
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        groups.discard(os.getpgid(0))
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.popen.wait(5)
+
+
+def descendants(pid: int) -> list[int]:
+    """The PIDs of a process's children, their children, and so on (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on right now."""
@@ -165,6 +205,14 @@ def start_sentinel(directory: Path, primary_port: int, service: str = "mymaster"
     return proc
 
 
+def restart_redis(proc: Process, directory: Path, down_for: float, prefer_path: bool = True) -> Process:
+    """Stop a persistent Redis from `start_redis(persist=True)`, wait `down_for` seconds, start it again on its port."""
+    port = int(proc.url.rsplit(":", 1)[1].split("/", 1)[0])
+    proc.stop()
+    time.sleep(down_for)
+    return start_redis(directory, port=port, prefer_path=prefer_path, persist=True)
+
+
 def start_sandbox(port: int | None = None, args: list[str] | None = None,
                   log: Path | None = None) -> Process:
     """Start the sandbox portal; `url` is its root, `extra['webhook']` its incoming-webhook URL."""
@@ -188,16 +236,22 @@ def procfile_command(name: str) -> list[str]:
     raise KeyError(f"no {name!r} process in the Procfile")
 
 
-def worker_argv(burst: bool = False) -> list[str]:
-    """The Procfile's `rq worker` command line, for tests and benchmarks."""
+def worker_argv(burst: bool = False, options: dict[str, str] | None = None) -> list[str]:
+    """The Procfile's `rq worker` command line, for tests and benchmarks; `options` replace (or add) flags' values."""
     argv = procfile_command("worker")
     at = argv.index("worker") + 1
+    for flag, value in (options or {}).items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv[at:at] = [flag, value]
     return argv[:at] + ["--burst"] + argv[at:] if burst else argv
 
 
-def start_worker(env: dict[str, str], log: Path | None = None, burst: bool = False) -> Process:
-    """Start one real `rq worker` process on the service's queues."""
-    return _spawn("worker", worker_argv(burst=burst), env=env, log=log)
+def start_worker(env: dict[str, str], log: Path | None = None, burst: bool = False,
+                 options: dict[str, str] | None = None) -> Process:
+    """Start one real `rq worker` process on the service's queues (the Procfile's line, `options` applied)."""
+    return _spawn("worker", worker_argv(burst=burst, options=options), env=env, log=log)
 
 
 def start_web(env: dict[str, str], log: Path | None = None) -> Process:

@@ -23,7 +23,42 @@ RECORD_OUTLIVES_FAILURE = 2 * 86400
 # Crashes and abandoned jobs (a killed worker) are retried by RQ this often, at these intervals.
 # Bitrix24 errors never use this budget: the job classifies them and reschedules itself.
 CRASH_RETRY_MAX = 3
-CRASH_RETRY_INTERVALS = [10, 60, 300]
+# Short enough that every crash, the third included, has its job running again within the 90 s the
+# service promises (recovery_bound below); the job's own lease and ambiguity waits still hold it back.
+CRASH_RETRY_INTERVALS = [10, 20, 30]
+
+# Liveness after crashes (jobs/worker.py, jobs/scheduler.py, jobs/sweeper.py). The Procfile runs the worker
+# with `--job-monitoring-interval 5 --maintenance-interval 10`; recovery_bound(5, 10) is 71 s.
+# A running job's started-registry entry outlives its worker's last heartbeat by this (RQ: 60 s): long
+# enough to ride out a Redis restart or failover of a few seconds, short enough to find a dead worker soon.
+HEARTBEAT_GRACE = 20
+# The scheduler lock (RQ: 61 s): the active scheduler refreshes it every second; a dead scheduler's queues
+# are free after this, and another worker takes them at its next maintenance pass.
+SCHEDULER_LOCK_SECONDS = 20
+# The per-queue maintenance lock (RQ: 899 s, so a worker killed mid-pass stops all cleanup for 15
+# minutes): a pass takes well under a second.
+MAINTENANCE_LOCK_SECONDS = 10
+# A job whose status and registries disagree (in no queue, no registry) is put back once it has been
+# seen so at two passes this far apart; RQ's own moves between them are single transactions or milliseconds.
+STRANDED_GRACE = 10
+# How long a worker retries one Redis operation (heartbeat, maintenance, state) before it gives up on it
+# and carries on, and the longest pause between tries, so that a returning Redis is noticed within it.
+REDIS_OUTAGE_BUDGET = 30.0
+REDIS_BACKOFF_CAP = 2.0
+# RQ's scheduler looks for due jobs this often (seconds; RQScheduler's interval).
+SCHEDULER_POLL = 1
+
+
+def recovery_bound(job_monitoring_interval: float, maintenance_interval: float) -> float:
+    """Worst case, in seconds, from a worker killed mid-job to that job queued to run again.
+
+    Its last heartbeat came just before the kill, so its started-registry entry expires monitoring +
+    grace later; a maintenance pass follows within maintenance + monitoring (a busy worker checks between
+    heartbeats); RQ reschedules the job after its crash-retry interval and the scheduler polls. A scheduler
+    that died too is replaced sooner (SCHEDULER_LOCK_SECONDS + one pass).
+    """
+    return (job_monitoring_interval + HEARTBEAT_GRACE + maintenance_interval + job_monitoring_interval
+            + max(CRASH_RETRY_INTERVALS) + SCHEDULER_POLL)
 
 # Transient Bitrix24 failures (5xx, timeouts, dropped connections): how many reschedules before the
 # request is reported as failed, and the backoff base and cap in seconds (jittered).
