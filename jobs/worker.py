@@ -39,6 +39,8 @@ from jobs.scheduler import LiveScheduler
 from jobs.sweeper import sweep_stranded_jobs
 
 SWEEP_TURN_KEY = "b24c:sweeper:turn"
+# What RQ 3.0.0 passes as exc_string when its maintenance fails a job left in a queue's intermediate list.
+STUCK_IN_INTERMEDIATE_QUEUE = "Job was stuck in intermediate queue."
 # Free a maintenance lock only if it is still ours (it may have lapsed and been taken by another worker).
 RELEASE_IF_OURS = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -232,6 +234,19 @@ class CancelWorker(HerokuWorker):
                 worker_context().tally.flush(job.connection)
             except redis.RedisError:
                 self.log.warning("metrics not flushed: Redis unreachable")
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
+                           execution: Execution | None = None) -> None:
+        """RQ's failure handling; a job that RQ fails from outside its run ends its request too.
+
+        RQ's intermediate-queue cleanup (rq/intermediate_queue.py) fails a job "stuck in intermediate queue"
+        through this method alone: no failure callback runs, so without this its request would stay open.
+        """
+        final = not job.should_retry
+        super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
+                                   execution=execution)
+        if final and exc_string == STUCK_IN_INTERMEDIATE_QUEUE:
+            end_request(self.connection, job, "stuck in RQ's intermediate queue")
 
     def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
         report_lost_job(job, f"work-horse killed (wait status {ret_val})")

@@ -71,3 +71,33 @@ def test_waiting_for_another_run_counts_and_ends_after_the_wait_budget(redis_con
     redis_conn.hset(records.request_key(request_id), "deferrals", policy.DEFER_MAX)
     with pytest.raises(LimitsOutlasted):
         Lease(redis_conn, "cancel", request_id).wait()
+
+
+@pytest.mark.parametrize("retries_left", [0, 1])
+def test_a_job_rq_fails_from_its_intermediate_queue_ends_its_request_when_final(
+        redis_conn: redis.Redis, retries_left: int) -> None:
+    """RQ's intermediate-queue cleanup fails a job with no callback; the worker ends the request itself."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from jobs.worker import STUCK_IN_INTERMEDIATE_QUEUE, CancelWorker
+
+    request_id = new_request(redis_conn, "b" * 32)
+    queue = Queue(policy.CANCEL_QUEUE, connection=redis_conn, serializer=JSONSerializer)
+    job = queue.enqueue("jobs.cancel.cancel_documents", request_id, job_id=policy.cancel_job_id(request_id))
+    job.retries_left = retries_left
+    job.retry_intervals = [10]
+    job.save()
+    worker = CancelWorker([queue], connection=redis_conn, serializer=JSONSerializer)
+    worker.handle_job_failure(job, queue, exc_string=STUCK_IN_INTERMEDIATE_QUEUE)
+    record = records.load(redis_conn, request_id)
+    assert record is not None
+    notify = Queue(policy.NOTIFY_QUEUE, connection=redis_conn, serializer=JSONSerializer)
+    if retries_left:  # RQ retries it: the request goes on, nothing is reported yet
+        assert record["state"] == "queued"
+        assert notify.count == 0
+        return
+    assert record["state"] == "failed"
+    assert record["documents"][0]["outcome"] == "failed"
+    assert "intermediate queue" in record["error"]
+    assert notify.job_ids == [policy.notify_job_id(request_id)]
