@@ -120,21 +120,61 @@ def redis_binary(prefer_path: bool = True) -> str:
 
 
 def start_redis(directory: Path, port: int | None = None, prefer_path: bool = True,
-                persist: bool = False) -> Process:
-    """Start a private Redis (or Valkey) on 127.0.0.1:port with its files under `directory`."""
+                persist: bool = False, appendfsync: str = "everysec", replica_of: int | None = None) -> Process:
+    """Start a private Redis (or Valkey) on 127.0.0.1:port with its files under `directory`.
+
+    `persist` turns the AOF on (`appendfsync` everysec or always); started again on the same directory
+    and port, it loads what it wrote. `replica_of` makes it a replica of the Redis on that loopback port.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     argv = [redis_binary(prefer_path), "--bind", "127.0.0.1", "--port", str(port),
             "--dir", str(directory), "--save", "", "--daemonize", "no",
             "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
     if persist:
-        argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        argv += ["--appendonly", "yes", "--appendfsync", appendfsync]
     else:
         argv += ["--appendonly", "no"]
+    if replica_of is not None:
+        argv += ["--replicaof", "127.0.0.1", str(replica_of)]
     proc = _spawn("redis", argv, log=directory / "redis.log")
     proc.url = f"redis://127.0.0.1:{port}/0"
     wait_for_port(proc, "127.0.0.1", port)
     return proc
+
+
+def start_sentinel(directory: Path, master_port: int, master_name: str = "mymaster", quorum: int = 1,
+                   down_after_ms: int = 5000, failover_timeout_ms: int = 10000, port: int | None = None,
+                   prefer_path: bool = True) -> Process:
+    """Start a Redis Sentinel on 127.0.0.1:port watching the primary on `master_port` (config under `directory`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    # Sentinel rewrites its own config file (the epochs, the replicas and sentinels it found).
+    config = directory / "sentinel.conf"
+    config.write_text(
+        f"bind 127.0.0.1\nport {port}\ndir {directory}\n"
+        f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n"
+        f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+        f"sentinel failover-timeout {master_name} {failover_timeout_ms}\n"
+        f"sentinel parallel-syncs {master_name} 1\n")
+    proc = _spawn("sentinel", [redis_binary(prefer_path), str(config), "--sentinel"], log=directory / "sentinel.log")
+    proc.url = f"127.0.0.1:{port}"
+    wait_for_port(proc, "127.0.0.1", port)
+    return proc
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of a process, children first (from /proc; a work-horse has its own group)."""
+    found: list[int] = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        return found
+    for kid in kids:
+        found.append(kid)
+        found.extend(descendants(kid))
+    return found
 
 
 def start_sandbox(port: int | None = None, args: list[str] | None = None,
