@@ -120,11 +120,13 @@ def redis_binary(prefer_path: bool = True) -> str:
 
 
 def start_redis(directory: Path, port: int | None = None, prefer_path: bool = True,
-                persist: bool = False, appendfsync: str = "everysec", replica_of: int | None = None) -> Process:
+                persist: bool = False, appendfsync: str = "everysec", replica_of: int | None = None,
+                args: list[str] | None = None) -> Process:
     """Start a private Redis (or Valkey) on 127.0.0.1:port with its files under `directory`.
 
     `persist` turns the AOF on (`appendfsync` everysec or always); started again on the same directory
-    and port, it loads what it wrote. `replica_of` makes it a replica of the Redis on that loopback port.
+    and port, it loads what it wrote. `replica_of` makes it a replica of the Redis on that loopback port;
+    `args` are more `--name value` options.
     """
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -137,6 +139,7 @@ def start_redis(directory: Path, port: int | None = None, prefer_path: bool = Tr
         argv += ["--appendonly", "no"]
     if replica_of is not None:
         argv += ["--replicaof", "127.0.0.1", str(replica_of)]
+    argv += args or []
     proc = _spawn("redis", argv, log=directory / "redis.log")
     proc.url = f"redis://127.0.0.1:{port}/0"
     wait_for_port(proc, "127.0.0.1", port)

@@ -115,6 +115,15 @@ FAULTED_METHODS = ("catalog.document.cancel", "im.message.add")
 REDIS_OUTAGE = 2.0
 MASTER_NAME = "mymaster"
 SENTINEL_DOWN_AFTER_MS = 5000
+# Two Sentinels that see the primary down at the same moment each vote for themselves and retry only after
+# twice the failover timeout; the second one waits this much longer, so the first is elected at once.
+SENTINEL_STAGGER_MS = 1000
+SENTINEL_FAILOVER_TIMEOUT_MS = 5000
+# Redis delays a full resync by 5 s by default (to serve several replicas with one transfer); with one
+# replica that only widens the window in which the replica is empty after the primary restarted.
+NODE_ARGS = ["--repl-diskless-sync-delay", "0"]
+# How long a replica may take to be in sync with its primary before the run says so.
+SYNC_TIMEOUT = 30.0
 # A failover (down-after, vote, promotion) normally takes 6-8 s; give up on it after this long.
 FAILOVER_TIMEOUT = 60.0
 
@@ -208,15 +217,34 @@ class RedisSet:
         self.sentinel_client: Sentinel | None = None
         if sentinel:
             self._start(stack.dir / "redis-b", None, primary)
-            for name in ("sentinel-1", "sentinel-2"):
+            for i in range(2):
                 self.sentinels.append(stack.add(devenv.start_sentinel(
-                    stack.dir / name, primary, MASTER_NAME, quorum=1, down_after_ms=SENTINEL_DOWN_AFTER_MS)))
+                    stack.dir / f"sentinel-{i + 1}", primary, MASTER_NAME, quorum=1,
+                    down_after_ms=SENTINEL_DOWN_AFTER_MS + i * SENTINEL_STAGGER_MS,
+                    failover_timeout_ms=SENTINEL_FAILOVER_TIMEOUT_MS)))
             self.sentinel_client = Sentinel(self._sentinel_addresses(), socket_timeout=1.0)
         self.first_primary = primary
+        if sentinel and not self.replicas_in_sync(SYNC_TIMEOUT):
+            raise RuntimeError(f"the replica did not sync with the primary within {SYNC_TIMEOUT:.0f} s")
+
+    def replicas_in_sync(self, timeout: float) -> bool:
+        """Wait until every replica's link to the primary is up (bounded); whether it is."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                primary = self.primary_port()
+                links = [redis.Redis(port=port, socket_timeout=1.0).info("replication").get("master_link_status")
+                         for port in self.nodes if port != primary]
+                if links and all(link == "up" for link in links):
+                    return True
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        return False
 
     def _start(self, directory: Path, port: int | None, replica_of: int | None) -> int:
         proc = self.stack.add(devenv.start_redis(directory, port=port, persist=True, appendfsync=self.appendfsync,
-                                                 replica_of=replica_of))
+                                                 replica_of=replica_of, args=NODE_ARGS))
         node_port = int(proc.url.rsplit(":", 1)[1].split("/")[0])
         self.nodes[node_port] = proc
         self.dirs[node_port] = directory
@@ -261,6 +289,7 @@ class RedisSet:
 
     def fail_over(self) -> str:
         """SIGKILL the primary for good; wait for the Sentinels to promote the replica; rejoin it as a replica."""
+        synced = "in sync" if self.replicas_in_sync(0.5) else "NOT in sync"
         old = self.primary_port()
         began = time.monotonic()
         self._kill(old)
@@ -278,7 +307,8 @@ class RedisSet:
             return f"Sentinel failover: no new primary {FAILOVER_TIMEOUT:.0f} s after :{old} was SIGKILLed"
         # The old primary comes back as a replica of the new one, so a replica exists again (REDIS_MIN_REPLICAS).
         self._start(self.dirs[old], old, new)
-        return f"Sentinel failover: primary :{old} SIGKILLed, replica :{new} promoted after {promoted:.1f} s"
+        return (f"Sentinel failover: primary :{old} SIGKILLed (its replica {synced}), replica :{new} promoted after "
+                f"{promoted:.1f} s; :{old} back as its replica")
 
 
 # -- workers: started as the Procfile does, killed by PID -----------------------------------------
