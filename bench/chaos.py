@@ -11,9 +11,9 @@ Real processes on free loopback ports, every one stopped by PID at the end (also
 * the sandbox portal (`--durations-zero`, limits out of reach) with documents 1..N, all conducted;
 * the web process under gunicorn (`devenv.start_web`) and 2-3 `rq worker` processes started as the
   Procfile's worker line (`devenv.start_worker`).
-The service runs with B24_READ_TIMEOUT=2 s and B24_EXECUTION_LIMIT=3 s, so that the ambiguity rule
+The service runs with B24_READ_TIMEOUT=2 s and B24_EXECUTION_LIMIT=5 s, so that the ambiguity rule
 (a call without an answer settles B24_EXECUTION_LIMIT + 5 s after it was sent: 65 s in production) plays
-out in seconds; the sandbox's stalls are kept within those 3 s.
+out in seconds; the sandbox's stalls stay within those 5 s, as Bitrix24's stay within its 60 s.
 
 Chaos, for `--duration` seconds, seeded by `--seed`:
 * traffic: `--requests` `POST /v1/cancel` spread evenly over the duration, each with its own
@@ -23,10 +23,10 @@ Chaos, for `--duration` seconds, seeded by `--seed`:
   first try was stored);
 * sandbox faults on cancel batches and on `im.message.add`, each call independently: 10 % HTTP 500,
   5 % `applied_then_timeout` (applied, then no answer), 5 % dropped connections, 3 % `slow` past the read
-  timeout (2.5 s: no answer in time, applied later) and 3 % `slow` within it (1 s);
+  timeout (4.5 s: no answer in time, applied later) and 3 % `slow` within it (1 s);
 * every `--kill-interval` seconds, alternately, a worker (the whole process tree: parent, scheduler and
   work-horse, as when its machine dies; restarted 1 s later, as a supervisor would) or a work-horse
-  alone is SIGKILLed;
+  alone is SIGKILLed. A worker that exits on its own is restarted too, and counted;
 * at a third of the duration the Redis primary is SIGKILLed and started again on its AOF 2 s later; at
   two thirds it is SIGKILLed for good and the Sentinels fail over to the replica (the old primary then
   comes back as a replica of the new one).
@@ -96,14 +96,19 @@ SETTLE = 120.0
 
 # The service's timeouts for this run: short, so the ambiguity rule runs in seconds, not minutes.
 READ_TIMEOUT = 2.0
-EXECUTION_LIMIT = 3.0
-# Stalls past the read timeout (no answer in time) but within the execution limit (the call has run by then).
-LONG_STALL = READ_TIMEOUT + 0.5
+EXECUTION_LIMIT = 5.0
+# A `slow` call runs this long on the portal: past the read timeout and past the moment a service without
+# the ambiguity rule tries again (1-2 s after the timeout), but within the execution limit, so a service
+# that waits for the limit never has a second call in flight.
+LONG_STALL = EXECUTION_LIMIT - 0.5
+# A `slow` call answered in time.
 SHORT_STALL = READ_TIMEOUT / 2
+# An `applied_then_timeout` call keeps the connection this long after it took effect (the client gives up first).
+LOST_ANSWER_STALL = READ_TIMEOUT + 0.5
 # The share of matching calls each fault hits, unconditionally (converted to the sandbox's ordered rules).
 FAULTS: tuple[tuple[str, float, float | None], ...] = (
     ("error500", 0.10, None),
-    ("applied_then_timeout", 0.05, LONG_STALL),
+    ("applied_then_timeout", 0.05, LOST_ANSWER_STALL),
     ("drop", 0.05, None),
     ("slow", 0.03, LONG_STALL),
     ("slow", 0.03, SHORT_STALL),
@@ -311,15 +316,32 @@ class RedisSet:
                 f"{promoted:.1f} s; :{old} back as its replica")
 
 
+class Clock:
+    """Seconds since the chaos began, for the event log."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    def wait_until(self, moment: float, stop: threading.Event) -> bool:
+        """Sleep until `moment`; False when the run is being stopped."""
+        return not stop.wait(max(0.0, moment - self.now()))
+
+
 # -- workers: started as the Procfile does, killed by PID -----------------------------------------
 
 class Workers:
-    """The run's `rq worker` processes: kill one (tree) or one work-horse, restart as a supervisor would."""
+    """The run's `rq worker` processes under a supervisor: one that exits, or that the chaos kills (its whole
+    tree, or only its work-horse), is started again SUPERVISOR_DELAY later."""
 
     def __init__(self, stack: Stack, env: dict[str, str], count: int) -> None:
         self.stack = stack
         self.env = env
         self.started = 0
+        self.lock = threading.Lock()
+        self.exits: list[str] = []
         self.procs = [self._start() for _ in range(count)]
 
     def _start(self) -> devenv.Process:
@@ -339,37 +361,56 @@ class Workers:
 
     def kill_worker(self, rng: random.Random) -> str:
         """SIGKILL one worker's whole tree (parent, scheduler, horse), then start a new worker."""
-        index = rng.randrange(len(self.procs))
-        proc = self.procs[index]
-        tree = [proc.pid, *devenv.descendants(proc.pid)]
-        busy = self.horse_of(proc) is not None
-        for pid in tree:
-            _sigkill(pid)
-        proc.popen.wait(5)
-        self.stack.procs.remove(proc)
-        time.sleep(SUPERVISOR_DELAY)
-        self.procs[index] = self._start()
-        return f"worker pid {proc.pid} SIGKILLed with its {len(tree) - 1} children ({'busy' if busy else 'idle'}); restarted"
+        with self.lock:
+            index = rng.randrange(len(self.procs))
+            proc = self.procs[index]
+            tree = [proc.pid, *devenv.descendants(proc.pid)]
+            busy = self.horse_of(proc) is not None
+            for pid in tree:
+                _sigkill(pid)
+            proc.popen.wait(5)
+            self.stack.procs.remove(proc)
+            time.sleep(SUPERVISOR_DELAY)
+            self.procs[index] = self._start()
+        return (f"worker pid {proc.pid} SIGKILLed with its {len(tree) - 1} children "
+                f"({'running a job' if busy else 'idle'}); restarted")
 
     def kill_horse(self, rng: random.Random) -> str | None:
         """SIGKILL the work-horse of some busy worker, waiting up to HORSE_WAIT for one to be busy."""
         deadline = time.monotonic() + HORSE_WAIT
         while time.monotonic() < deadline:
-            for proc in rng.sample(self.procs, len(self.procs)):
-                horse = self.horse_of(proc)
-                if horse is not None:
-                    _sigkill(horse)
-                    return f"work-horse pid {horse} of worker pid {proc.pid} SIGKILLed"
+            with self.lock:
+                for proc in rng.sample(self.procs, len(self.procs)):
+                    horse = self.horse_of(proc)
+                    if horse is not None:
+                        _sigkill(horse)
+                        return f"work-horse pid {horse} of worker pid {proc.pid} SIGKILLed"
             time.sleep(0.02)
         return None
 
+    def supervise(self, clock: Clock, done: threading.Event, log: Callable[[str], None]) -> None:
+        """Start again, SUPERVISOR_DELAY later, any worker that exited on its own, until `done`."""
+        while not done.wait(SUPERVISOR_DELAY):
+            with self.lock:
+                for index, proc in enumerate(self.procs):
+                    if proc.alive() or done.is_set():
+                        continue
+                    code = proc.popen.returncode
+                    for pid in devenv.descendants(proc.pid):
+                        _sigkill(pid)
+                    self.stack.procs.remove(proc)
+                    self.procs[index] = self._start()
+                    self.exits.append(f"{clock.now():.1f} s")
+                    log(f"{clock.now():6.1f} s  worker pid {proc.pid} exited on its own (code {code}); restarted")
+
     def close(self) -> None:
         """Stop every worker, then any work-horse that outlived it (horses have their own process group)."""
-        for proc in self.procs:
-            tree = devenv.descendants(proc.pid)
-            self.stack.stop(proc)
-            for pid in tree:
-                _sigkill(pid)
+        with self.lock:
+            for proc in self.procs:
+                tree = devenv.descendants(proc.pid)
+                self.stack.stop(proc)
+                for pid in tree:
+                    _sigkill(pid)
 
 
 def _sigkill(pid: int) -> None:
@@ -454,20 +495,6 @@ def schedule(cfg: ChaosConfig) -> tuple[list[tuple[float, str]], list[tuple[floa
     failover = max(slot(2 / 3), restart + cfg.kill_interval)
     redis_events = [(restart, "restart")] + ([(failover, "failover")] if cfg.sentinel else [])
     return kills, redis_events
-
-
-class Clock:
-    """Seconds since the chaos began, for the event log."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-
-    def now(self) -> float:
-        return time.monotonic() - self.start
-
-    def wait_until(self, moment: float, stop: threading.Event) -> bool:
-        """Sleep until `moment`; False when the run is being stopped."""
-        return not stop.wait(max(0.0, moment - self.now()))
 
 
 def run_kills(clock: Clock, kills: list[tuple[float, str]], workers: Workers, rng: random.Random,
@@ -595,7 +622,8 @@ def run(cfg: ChaosConfig, log: Callable[[str], None] = print) -> Result:
     load_before = loadavg()
     stack = Stack("chaos")
     workers: Workers | None = None
-    stop = threading.Event()
+    stop = threading.Event()  # the chaos is over
+    done = threading.Event()  # the run is over: the supervisor stops too
     threads: list[threading.Thread] = []
     try:
         nodes = RedisSet(stack, cfg.sentinel, cfg.appendfsync)
@@ -624,7 +652,8 @@ def run(cfg: ChaosConfig, log: Callable[[str], None] = print) -> Result:
             f"overlap {cfg.overlap:.0%}), over {cfg.duration:.0f} s, {cfg.workers} workers, seed {cfg.seed}")
         log(f"service: B24_READ_TIMEOUT={READ_TIMEOUT:g} s, B24_EXECUTION_LIMIT={EXECUTION_LIMIT:g} s: a call "
             f"without an answer settles {EXECUTION_LIMIT + policy.AMBIGUITY_MARGIN:g} s after it was sent (65 s in "
-            f"production); sandbox stalls {LONG_STALL:g} s and {SHORT_STALL:g} s")
+            f"production); sandbox stalls: slow {LONG_STALL:g} s and {SHORT_STALL:g} s, lost answers "
+            f"{LOST_ANSWER_STALL:g} s")
         log(f"redis: AOF appendonly yes, appendfsync {cfg.appendfsync}; " + (
             f"primary + replica + 2 Sentinels, REDIS_URL={nodes.service_url()}, REDIS_MIN_REPLICAS=1"
             if cfg.sentinel else f"one node, REDIS_URL={nodes.service_url()} (--no-sentinel: no failover)"))
@@ -633,6 +662,8 @@ def run(cfg: ChaosConfig, log: Callable[[str], None] = print) -> Result:
 
         kills, redis_events = schedule(cfg)
         clock = Clock()
+        supervisor = threading.Thread(target=workers.supervise, args=(clock, done, log), daemon=True)
+        supervisor.start()
         threads = [
             threading.Thread(target=run_kills, args=(clock, kills, workers, rng, result, stop, log), daemon=True),
             threading.Thread(target=run_redis_events, args=(clock, redis_events, nodes, result, stop, log),
@@ -668,6 +699,8 @@ def run(cfg: ChaosConfig, log: Callable[[str], None] = print) -> Result:
             f"answer; not accepted {result.sent - result.accepted}")
         log(f"waited {waited:.1f} s after the chaos; states of requests not ended: "
             f"{dict(collections.Counter(states.get(rid, 'missing') for rid in ids if states.get(rid) not in ENDED))}")
+        result.lines.append(f"workers that exited on their own (restarted by the bench as a supervisor would): "
+                            f"{len(workers.exits)}" + (f", at {', '.join(workers.exits)}" if workers.exits else ""))
         for line in result.lines:
             log(line)
         log(f"machine: {loadavg()} after")
@@ -676,6 +709,7 @@ def run(cfg: ChaosConfig, log: Callable[[str], None] = print) -> Result:
         raise
     finally:
         stop.set()
+        done.set()
         if workers is not None:
             workers.close()
         stack.close()
