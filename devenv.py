@@ -69,6 +69,46 @@ class Process:
             pass
         self.popen.wait(5)
 
+    def kill_tree(self) -> None:
+        """SIGKILL the process group and every descendant's own group at once, as a container kill does.
+
+        An RQ work-horse calls setpgrp(), so killing the worker's group alone leaves it running.
+        """
+        groups = {self.popen.pid}
+        for pid in descendants(self.popen.pid):
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        groups.discard(os.getpgid(0))
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.popen.wait(5)
+
+
+def descendants(pid: int) -> list[int]:
+    """The PIDs of a process's children, their children, and so on (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on right now."""
@@ -120,13 +160,10 @@ def redis_binary(prefer_path: bool = True) -> str:
 
 
 def start_redis(directory: Path, port: int | None = None, prefer_path: bool = True,
-                persist: bool = False, appendfsync: str = "everysec", replica_of: int | None = None,
-                args: list[str] | None = None) -> Process:
+                persist: bool = False, replica_of: int | None = None) -> Process:
     """Start a private Redis (or Valkey) on 127.0.0.1:port with its files under `directory`.
 
-    `persist` turns the AOF on (`appendfsync` everysec or always); started again on the same directory
-    and port, it loads what it wrote. `replica_of` makes it a replica of the Redis on that loopback port;
-    `args` are more `--name value` options.
+    With `replica_of`, it replicates the Redis on 127.0.0.1:<replica_of>.
     """
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -134,50 +171,38 @@ def start_redis(directory: Path, port: int | None = None, prefer_path: bool = Tr
             "--dir", str(directory), "--save", "", "--daemonize", "no",
             "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
     if persist:
-        argv += ["--appendonly", "yes", "--appendfsync", appendfsync]
+        argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
     else:
         argv += ["--appendonly", "no"]
     if replica_of is not None:
         argv += ["--replicaof", "127.0.0.1", str(replica_of)]
-    argv += args or []
     proc = _spawn("redis", argv, log=directory / "redis.log")
     proc.url = f"redis://127.0.0.1:{port}/0"
     wait_for_port(proc, "127.0.0.1", port)
     return proc
 
 
-def start_sentinel(directory: Path, master_port: int, master_name: str = "mymaster", quorum: int = 1,
-                   down_after_ms: int = 5000, failover_timeout_ms: int = 10000, port: int | None = None,
-                   prefer_path: bool = True) -> Process:
-    """Start a Redis Sentinel on 127.0.0.1:port watching the primary on `master_port` (config under `directory`)."""
+def start_sentinel(directory: Path, primary_port: int, service: str = "mymaster", quorum: int = 1,
+                   down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> Process:
+    """Start a Redis Sentinel on a free loopback port watching the primary on 127.0.0.1:primary_port.
+
+    Short down-after and failover timeouts suit tests and benches (production keeps Sentinel's defaults).
+    `url` is the sentinel's `host:port`, to join into a redis+sentinel:// URL.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    # Sentinel rewrites its own config file (the epochs, the replicas and sentinels it found).
-    config = directory / "sentinel.conf"
-    config.write_text(
-        f"bind 127.0.0.1\nport {port}\ndir {directory}\n"
-        f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n"
-        f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
-        f"sentinel failover-timeout {master_name} {failover_timeout_ms}\n"
-        f"sentinel parallel-syncs {master_name} 1\n")
-    proc = _spawn("sentinel", [redis_binary(prefer_path), str(config), "--sentinel"], log=directory / "sentinel.log")
+    port = free_port()
+    config = directory / "sentinel.conf"  # Sentinel rewrites its config file: one of its own per process
+    config.write_text("\n".join([
+        f"port {port}", "bind 127.0.0.1", f"dir {directory}", "daemonize no", "protected-mode yes",
+        f"sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}",
+        f"sentinel down-after-milliseconds {service} {down_after_ms}",
+        f"sentinel failover-timeout {service} {failover_timeout_ms}",
+        f"sentinel parallel-syncs {service} 1", "",
+    ]))
+    proc = _spawn("sentinel", [redis_binary(), str(config), "--sentinel"], log=directory / "sentinel.log")
     proc.url = f"127.0.0.1:{port}"
     wait_for_port(proc, "127.0.0.1", port)
     return proc
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of a process, children first (from /proc; a work-horse has its own group)."""
-    found: list[int] = []
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(x) for x in f.read().split()]
-    except OSError:
-        return found
-    for kid in kids:
-        found.append(kid)
-        found.extend(descendants(kid))
-    return found
 
 
 def start_sandbox(port: int | None = None, args: list[str] | None = None,

@@ -71,6 +71,7 @@ from bench.common import (
     SANDBOX_UNLIMITED,
     Sandbox,
     Stack,
+    children,
     loadavg,
     service_env,
     wait_for_workers,
@@ -124,9 +125,9 @@ SENTINEL_DOWN_AFTER_MS = 5000
 # twice the failover timeout; the second one waits this much longer, so the first is elected at once.
 SENTINEL_STAGGER_MS = 1000
 SENTINEL_FAILOVER_TIMEOUT_MS = 5000
-# Redis delays a full resync by 5 s by default (to serve several replicas with one transfer); with one
-# replica that only widens the window in which the replica is empty after the primary restarted.
-NODE_ARGS = ["--repl-diskless-sync-delay", "0"]
+# Set on every node as it starts. Redis delays a full resync by 5 s by default (to serve several replicas
+# with one transfer); with one replica that only widens the window in which it is empty after a restart.
+NODE_CONFIG = {"repl-diskless-sync-delay": "0"}
 # How long a replica may take to be in sync with its primary before the run says so.
 SYNC_TIMEOUT = 30.0
 # A failover (down-after, vote, promotion) normally takes 6-8 s; give up on it after this long.
@@ -224,7 +225,7 @@ class RedisSet:
             self._start(stack.dir / "redis-b", None, primary)
             for i in range(2):
                 self.sentinels.append(stack.add(devenv.start_sentinel(
-                    stack.dir / f"sentinel-{i + 1}", primary, MASTER_NAME, quorum=1,
+                    stack.dir / f"sentinel-{i + 1}", primary, service=MASTER_NAME, quorum=1,
                     down_after_ms=SENTINEL_DOWN_AFTER_MS + i * SENTINEL_STAGGER_MS,
                     failover_timeout_ms=SENTINEL_FAILOVER_TIMEOUT_MS)))
             self.sentinel_client = Sentinel(self._sentinel_addresses(), socket_timeout=1.0)
@@ -248,9 +249,11 @@ class RedisSet:
         return False
 
     def _start(self, directory: Path, port: int | None, replica_of: int | None) -> int:
-        proc = self.stack.add(devenv.start_redis(directory, port=port, persist=True, appendfsync=self.appendfsync,
-                                                 replica_of=replica_of, args=NODE_ARGS))
+        proc = self.stack.add(devenv.start_redis(directory, port=port, persist=True, replica_of=replica_of))
         node_port = int(proc.url.rsplit(":", 1)[1].split("/")[0])
+        with redis.Redis(port=node_port, socket_timeout=5.0) as node:
+            for name, value in {**NODE_CONFIG, "appendfsync": self.appendfsync}.items():
+                node.config_set(name, value)
         self.nodes[node_port] = proc
         self.dirs[node_port] = directory
         return node_port
@@ -351,7 +354,7 @@ class Workers:
     @staticmethod
     def horse_of(proc: devenv.Process) -> int | None:
         """The worker's work-horse, if it runs a job: the child in a process group of its own (RQ's setpgrp)."""
-        for child in devenv.descendants(proc.pid):
+        for child in children(proc.pid):
             try:
                 if os.getpgid(child) == child:
                     return child
@@ -366,9 +369,7 @@ class Workers:
             proc = self.procs[index]
             tree = [proc.pid, *devenv.descendants(proc.pid)]
             busy = self.horse_of(proc) is not None
-            for pid in tree:
-                _sigkill(pid)
-            proc.popen.wait(5)
+            proc.kill_tree()
             self.stack.procs.remove(proc)
             time.sleep(SUPERVISOR_DELAY)
             self.procs[index] = self._start()
