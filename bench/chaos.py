@@ -626,6 +626,7 @@ def run(cfg: ChaosConfig, log: Callable[[str], None] = print) -> Result:
     stop = threading.Event()  # the chaos is over
     done = threading.Event()  # the run is over: the supervisor stops too
     threads: list[threading.Thread] = []
+    supervisor: threading.Thread | None = None
     try:
         nodes = RedisSet(stack, cfg.sentinel, cfg.appendfsync)
         sandbox_proc = stack.sandbox("--documents", str(documents), "--durations-zero", "--seed", str(cfg.seed),
@@ -694,7 +695,7 @@ def run(cfg: ChaosConfig, log: Callable[[str], None] = print) -> Result:
         time.sleep(1.0)  # a report posted as the last record ended is in the chat log by now
         calls, messages, docs = sandbox.calls(), sandbox.messages(), sandbox.documents()
         _check(result, accepted, states, calls, messages, docs)
-        log(f"faults fired: " + ", ".join(f"{k} {v}" for k, v in result.faults_fired.items()))
+        log("faults fired: " + ", ".join(f"{k} {v}" for k, v in result.faults_fired.items()))
         log(f"intake: {sum(s.status == 202 for s in accepted)} answered 202, {sum(s.status == 200 for s in accepted)}"
             f" 200 on a resend of a stored request, {sum(s.resends for s in planned)} resends after a 5xx or no "
             f"answer; not accepted {result.sent - result.accepted}")
@@ -711,6 +712,8 @@ def run(cfg: ChaosConfig, log: Callable[[str], None] = print) -> Result:
     finally:
         stop.set()
         done.set()
+        if supervisor is not None:
+            supervisor.join(SUPERVISOR_DELAY * 10)
         if workers is not None:
             workers.close()
         stack.close()
