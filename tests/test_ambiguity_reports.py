@@ -307,10 +307,16 @@ class HeldLease:
 
 def test_rq_retry_count_running_out_still_ends_the_request_failed_with_a_report(
         client: FlaskClient, portal: SandboxView, conn: redis.Redis) -> None:
-    request_id = records.request_id_for("shop", "api", "held-for-ever")
+    # Request ids are random: the lease is held before the request exists, so it is submitted with a known
+    # id through the intake's own one-round-trip submit (as POST /v1/cancel would write it).
+    request_id = records.new_request_id()
     held = HeldLease(conn, lease_key("cancel", request_id), ms=3000)
     try:
-        assert submit(client, "held-for-ever", document_ids=[9], reason="held") == request_id
+        svc = client.application.extensions["b24cancel"]
+        request_ = {"portal": "shop", "source": "api", "document_ids": [9], "reason": "held", "external_id": None,
+                    "chat": None, "caller": "default"}
+        assert svc.submitter.submit(request_id, request_, policy.FIRST_JOBS["cancel"],
+                                    policy.first_job_id("cancel", request_id)).created
         job_id = f"cancel-{request_id}"
         job_key = f"rq:job:{job_id}"
         wait_for(lambda: conn.hget(job_key, "status") == b"scheduled"
