@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import redis
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 from rq import Worker
 
-from handlers.intake import Reply, held_back, services
+from handlers.intake import IntakeError, Reply, constant_time_in, held_back, services
 from jobs import policy
 
 bp = Blueprint("health", __name__)
@@ -36,7 +36,17 @@ def readyz() -> Reply:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus text format: intake counts of this process and queue depth."""
+    """Prometheus text format: intake counts of this process and queue depth (token or metrics listener)."""
     from handlers.metrics import render
+    from transport import on_port, parse_bind
 
-    return render(services())
+    svc = services()
+    bind = svc.settings.metrics_bind
+    if not (bind and on_port(request.environ, parse_bind(bind)[1])):
+        # Anywhere else it needs the token; with none configured it is refused, whoever asks (behind a
+        # reverse proxy every client looks like loopback, so the peer address proves nothing).
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token_ok = constant_time_in(token.strip(), [svc.settings.metrics_token or "\x00no-metrics-token\x00"])
+        if not svc.settings.metrics_token or scheme.lower() != "bearer" or not token_ok:
+            raise IntakeError(401, "metrics need 'Authorization: Bearer <METRICS_TOKEN>', or METRICS_BIND's address")
+    return render(svc)

@@ -49,7 +49,7 @@ class IntakeError(Exception):
 
 
 ERROR_NAMES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 415: "unsupported_media_type", 503: "unavailable", 500: "internal_error"}
+               413: "too_large", 414: "uri_too_long", 415: "unsupported_media_type", 503: "unavailable", 500: "internal_error"}
 
 
 @dataclass
@@ -126,7 +126,11 @@ def parse_json_object(req: Request) -> dict[str, Any]:
     """The JSON object body; 415 for another content type, 400 for malformed JSON."""
     if not req.is_json:
         raise IntakeError(415, "Content-Type must be application/json")
-    body = req.get_json(silent=True, cache=True)
+    try:
+        body = req.get_json(silent=True, cache=True)
+    except RecursionError:
+        # The decoder gives up on very deep nesting (about 1,000 levels) with RecursionError, not ValueError.
+        raise IntakeError(400, "the JSON body is nested too deeply") from None
     if body is None:
         raise IntakeError(400, "malformed JSON body")
     if not isinstance(body, dict):
@@ -193,7 +197,7 @@ def optional_text(body: dict[str, Any], field: str, limit: int) -> str | None:
 def optional_chat(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not CHAT_ID.match(value):
+    if not isinstance(value, str) or not CHAT_ID.fullmatch(value):
         raise IntakeError(400, "chat must look like chat42", "chat")
     return value
 
