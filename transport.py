@@ -40,7 +40,7 @@ from gunicorn.workers import gthread
 MAX_BODY_BYTES = 64 * 1024
 # Longest request line (method, URL, version). The largest robot call (README, "Bitrix24 robot": 500
 # document ids, a 1,000-letter Cyrillic reason at 6 bytes a letter once percent-encoded, a 200-character
-# external id) is about 13.5 KB.
+# external id) is about 12.8 KB.
 MAX_REQUEST_LINE = 16 * 1024
 # Longest time a connection may hold one of a worker's threads: reading the request, running the
 # handler (milliseconds; a stuck Redis gives up after 5+2 s, app.REDIS_TIMEOUT) and writing the answer.
@@ -78,8 +78,9 @@ class BodyLimit:
         self.metrics_port = parse_bind(metrics_bind)[1] if metrics_bind else None
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        line = len(environ.get("RAW_URI") or environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", ""))
-        if line > MAX_REQUEST_LINE:
+        # gunicorn's RAW_URI is the target as sent (path and query); other servers give the parts.
+        target = environ.get("RAW_URI") or f"{environ.get('PATH_INFO', '')}?{environ.get('QUERY_STRING', '')}"
+        if len(target) > MAX_REQUEST_LINE:
             return refuse(start_response, 414, f"the URL is longer than {MAX_REQUEST_LINE // 1024} KiB")
         if self.metrics_port and on_port(environ, self.metrics_port) and environ.get("PATH_INFO") != "/metrics":
             return refuse(start_response, 404, "this address serves /metrics only")
