@@ -32,7 +32,9 @@ def service_env(redis_url: str, webhook: str, **extra: str) -> dict[str, str]:
     env.update(extra)
     return env
 
+
 METRICS_TOKEN = "pipeline-metrics-token"
+
 
 @pytest.fixture(scope="module")
 def worker(redis_proc: devenv.Process, shared_sandbox: devenv.Process,
