@@ -26,6 +26,7 @@ from jobs import records
 from jobs.resolve import documents
 from settings import SettingsError, load_settings
 from tests.helpers import API_KEY, SandboxView, wait_for
+from tests.test_sentry import EnvelopeSink
 
 ROBOT_SECRET = "transport-robot"
 METRICS_TOKEN = "metrics-token-123"
@@ -53,8 +54,8 @@ def portals_toml(webhook: str) -> str:
 class Web:
     """The web process under test: its port, its metrics listener and its log."""
 
-    def __init__(self, proc: devenv.Process, port: int, metrics_port: int, log: Path) -> None:
-        self.proc, self.port, self.metrics_port, self.log = proc, port, metrics_port, log
+    def __init__(self, proc: devenv.Process, port: int, metrics_port: int, log: Path, sentry: EnvelopeSink) -> None:
+        self.proc, self.port, self.metrics_port, self.log, self.sentry = proc, port, metrics_port, log, sentry
 
     def raw(self, data: bytes, port: int | None = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
         """Send bytes, read the answer until the server closes: (status, headers, body)."""
@@ -91,14 +92,16 @@ def stack(redis_proc: devenv.Process, shared_sandbox: devenv.Process,
     env.update(HOST="127.0.0.1", PORT=str(port), REDIS_URL=redis_proc.url, B24_PORTALS_FILE=str(portals),
                TRIGGER_API_KEYS=API_KEY, METRICS_TOKEN=METRICS_TOKEN, METRICS_BIND=f"127.0.0.1:{metrics_port}",
                REQUEST_READ_DEADLINE=READ_DEADLINE, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    sentry = EnvelopeSink()
     log = tmp / "web.log"
-    web = devenv.start_web(env, log=log)
+    web = devenv.start_web({**env, "SENTRY_DSN": sentry.dsn}, log=log)
     worker = devenv.start_worker(env, log=tmp / "worker.log")
     try:
-        yield Web(web, port, metrics_port, log)
+        yield Web(web, port, metrics_port, log, sentry)
     finally:
         worker.stop()
         web.stop()
+        sentry.close()
 
 
 @pytest.fixture
@@ -122,8 +125,11 @@ def json_error(status: int, body: bytes, expected: int, error: str) -> dict[str,
 
 
 def no_traceback(web: Web) -> None:
+    """Nothing was logged as an unhandled error, and no Sentry event left the web process."""
     text = web.log.read_text()
     assert "Traceback" not in text and "unhandled error" not in text
+    time.sleep(0.5)  # the SDK sends from a background thread
+    assert web.sentry.events() == []
 
 
 def event_form(object_id: str = "12", ts: str = "1766047124", event: str = "ONCRMDEALUPDATE", **extra: str) -> bytes:
