@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 
 import pytest
 import redis
+from rq.registry import StartedJobRegistry
 
 import devenv
 from bench.slowloris import MEMBER_ID, TOKEN, Drippers, send_events
@@ -107,6 +108,21 @@ def stack(redis_proc: devenv.Process, shared_sandbox: devenv.Process,
 @pytest.fixture
 def portal(sandbox: devenv.Process) -> SandboxView:
     return SandboxView(sandbox.url)
+
+
+@pytest.fixture(autouse=True)
+def settled(stack: Web, redis_conn: redis.Redis) -> Iterator[None]:
+    """After each test, wait until the worker has finished whatever the test enqueued, so none of it leaks."""
+    yield
+
+    def idle() -> bool:
+        states = [records.load(redis_conn, key.decode().rpartition(":")[2]) for key in
+                  redis_conn.scan_iter(match="b24c:req:*")]
+        busy = sum(StartedJobRegistry(queue, connection=redis_conn).count + redis_conn.llen(f"rq:queue:{queue}")
+                   for queue in ("cancel", "notify"))
+        return busy == 0 and all(state is None or state.get("state") in ("done", "failed") for state in states)
+
+    wait_for(idle, timeout=90, what="the worker to finish what the test enqueued")
 
 
 def stored_nothing(conn: redis.Redis) -> None:
@@ -239,7 +255,12 @@ def test_largest_robot_call_fits_the_request_line(stack: Web, redis_conn: redis.
     assert 12 * 1024 < len(target) < 16 * 1024
     status, _, answer = stack.request("POST", target, b"", {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 202, answer
-    assert redis_conn.llen("rq:queue:cancel") == 1
+    record = records.load(redis_conn, json.loads(answer)["request_id"])
+    assert record is not None and len(record["request"]["document_ids"]) == 500
+    assert len(record["request"]["reason"]) == 1000
+    # The worker runs it (the sandbox has none of these documents); wait, so that no job outlives the test.
+    wait_for(lambda: (records.load(redis_conn, record["id"]) or {}).get("state") in ("done", "failed"),
+             timeout=60, what="the large robot request finished")
 
 
 # ---- chat and event ids -------------------------------------------------------------------------------------
