@@ -308,6 +308,8 @@ def load_settings(**overrides: Any) -> Settings:
                             "variables; set one or the other, not both")
     if settings.b24_operating_margin >= settings.b24_operating_limit:
         problems.append("B24_OPERATING_MARGIN: must be less than B24_OPERATING_LIMIT")
+    if settings.metrics_bind and settings.metrics_bind.rpartition(":")[2] == str(settings.port):
+        problems.append("METRICS_BIND: must use another port than PORT (that listener serves /metrics only)")
     if settings.b24_webhook_url and not settings.b24_chat_id:
         problems.append("B24_CHAT_ID: required with B24_WEBHOOK_URL (the chat that receives the reports)")
     if problems:

@@ -49,7 +49,8 @@ class IntakeError(Exception):
 
 
 ERROR_NAMES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "too_large", 414: "uri_too_long", 415: "unsupported_media_type", 503: "unavailable", 500: "internal_error"}
+               413: "too_large", 414: "uri_too_long", 415: "unsupported_media_type", 503: "unavailable",
+               500: "internal_error"}
 
 
 @dataclass
