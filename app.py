@@ -17,11 +17,10 @@ import observability
 import redisconn
 from handlers.intake import ERROR_NAMES, IntakeError, Services
 from settings import SettingsError, load_settings
+from transport import MAX_BODY_BYTES, BodyLimit
 
 log = logging.getLogger("b24cancel.web")
 
-# Largest request body we read (the intake refuses larger ones with 413).
-MAX_BODY_BYTES = 64 * 1024
 # Redis from the web process: a stuck Redis must turn into a 503 well inside a sender's own timeout
 # (Standard Webhooks senders wait 15-30 s), and an idle pooled connection is checked before reuse.
 REDIS_TIMEOUT = 5
@@ -52,6 +51,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     register_errors(app)
     commands.init_app(app)
+    # Bodies are read (and limited, however they are framed) before Flask sees the request.
+    app.wsgi_app = BodyLimit(app.wsgi_app, MAX_BODY_BYTES, settings.metrics_bind)  # type: ignore[method-assign]
     return app
 
 

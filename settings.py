@@ -32,7 +32,8 @@ import redisconn
 DEFAULT_PORTAL = "default"
 # Bitrix24 incoming-webhook URL: https://<portal>/rest/<user id>/<code>/
 WEBHOOK_PATH = re.compile(r"^/rest/(?P<user>\d+)/(?P<code>[A-Za-z0-9_]+)/?$")
-CHAT_ID = re.compile(r"^(chat|sg)\d+$|^\d+$")
+# ASCII digits only, on the whole string (used with fullmatch): "chat1\n" and "chat١" are not chats.
+CHAT_ID = re.compile(r"(?:chat|sg)[0-9]{1,18}|[0-9]{1,18}", re.ASCII)
 LOOPBACK_HOSTS = {"localhost"}
 
 
@@ -229,15 +230,28 @@ class Settings(BaseSettings):
 
     # How long request records and idempotency keys live (a repeat within it is one request).
     request_ttl_days: int = Field(default=14, ge=1)
-    # `make run` with the sandbox: API key "sandbox" is accepted from loopback only.
+    # `make run` with the sandbox: API key "sandbox" is accepted from loopback only. Refused at start-up
+    # when any configured portal is not on a loopback host.
     sandbox_mode: bool = False
+    # /metrics: a bearer token Prometheus sends (constant-time compared), and/or a second listener
+    # (host:port) that serves /metrics only, without a token. With neither, /metrics answers 401.
+    metrics_token: str | None = None
+    metrics_bind: str | None = None
 
     @field_validator("b24_chat_id")
     @classmethod
     def _chat(cls, value: str | None) -> str | None:
-        if value is not None and not CHAT_ID.match(value):
+        if value is not None and not CHAT_ID.fullmatch(value):
             raise ValueError("must be a chat like chat42 (or sg42, or a user id)")
         return value
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _metrics_bind(cls, value: str | None) -> str | None:
+        host, sep, port = (value or "").rpartition(":")
+        if value and (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ValueError("must be host:port, like 127.0.0.1:9100")
+        return value or None
 
     @field_validator("b24_webhook_url")
     @classmethod
@@ -359,6 +373,8 @@ def load_settings(**overrides: Any) -> Settings:
                             "variables; set one or the other, not both")
     if settings.b24_operating_margin >= settings.b24_operating_limit:
         problems.append("B24_OPERATING_MARGIN: must be less than B24_OPERATING_LIMIT")
+    if settings.metrics_bind and settings.metrics_bind.rpartition(":")[2] == str(settings.port):
+        problems.append("METRICS_BIND: must use another port than PORT (that listener serves /metrics only)")
     if settings.b24_webhook_url and not settings.b24_chat_id:
         problems.append("B24_CHAT_ID: required with B24_WEBHOOK_URL (the chat that receives the reports)")
     from jobs.policy import FAILURE_TTL, RECORD_OUTLIVES_FAILURE  # constants only (a leaf module)
@@ -370,6 +386,11 @@ def load_settings(**overrides: Any) -> Settings:
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
     settings._build_portals()
+    real = sorted(name for name, portal in settings.portals.items()
+                  if not is_loopback(urlsplit(portal.base_url).hostname or ""))
+    if settings.sandbox_mode and real:
+        raise SettingsError(f"invalid configuration:\n  SANDBOX_MODE: only for a sandbox portal on this machine, "
+                            f"but portal {real[0]!r} is not on a loopback host; unset SANDBOX_MODE")
     return settings
 
 
@@ -445,7 +466,7 @@ class PortalConfig(BaseModel):
     @field_validator("chat")
     @classmethod
     def _chat(cls, value: str) -> str:
-        if not CHAT_ID.match(value):
+        if not CHAT_ID.fullmatch(value):
             raise ValueError("must be a chat like chat42 (or sg42, or a user id)")
         return value
 

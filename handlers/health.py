@@ -6,7 +6,7 @@ import redis
 from flask import Blueprint, Response, request
 from rq import Worker
 
-from handlers.intake import IntakeError, Reply, authenticate_trigger, held_back, require_admin, services
+from handlers.intake import IntakeError, Reply, authenticate_trigger, constant_time_in, held_back, require_admin, services
 from jobs import policy
 
 bp = Blueprint("health", __name__)
@@ -46,7 +46,17 @@ def health() -> Reply:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus text format: intake counts of this process and queue depth."""
+    """Prometheus text format: intake counts of this process and queue depth (token or metrics listener)."""
     from handlers.metrics import render
+    from transport import on_port, parse_bind
 
-    return render(services())
+    svc = services()
+    bind = svc.settings.metrics_bind
+    if not (bind and on_port(request.environ, parse_bind(bind)[1])):
+        # Anywhere else it needs the token; with none configured it is refused, whoever asks (behind a
+        # reverse proxy every client looks like loopback, so the peer address proves nothing).
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token_ok = constant_time_in(token.strip(), [svc.settings.metrics_token or "\x00no-metrics-token\x00"])
+        if not svc.settings.metrics_token or scheme.lower() != "bearer" or not token_ok:
+            raise IntakeError(401, "metrics need 'Authorization: Bearer <METRICS_TOKEN>', or METRICS_BIND's address")
+    return render(svc)

@@ -63,7 +63,7 @@ class IntakeError(Exception):
 
 
 ERROR_NAMES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+               405: "method_not_allowed", 413: "too_large", 414: "uri_too_long", 415: "unsupported_media_type",
                422: "idempotency_key_reused", 503: "unavailable", 500: "internal_error"}
 
 
@@ -184,7 +184,11 @@ def parse_json_object(req: Request) -> dict[str, Any]:
     """The JSON object body; 415 for another content type, 400 for malformed JSON."""
     if not req.is_json:
         raise IntakeError(415, "Content-Type must be application/json")
-    body = req.get_json(silent=True, cache=True)
+    try:
+        body = req.get_json(silent=True, cache=True)
+    except RecursionError:
+        # The decoder gives up on very deep nesting (about 1,000 levels) with RecursionError, not ValueError.
+        raise IntakeError(400, "the JSON body is nested too deeply") from None
     if body is None:
         raise IntakeError(400, "malformed JSON body")
     if not isinstance(body, dict):
@@ -253,7 +257,7 @@ def optional_chat(value: Any, portal: Portal, caller: Caller | None = None) -> s
     `chats` list allows; never a bare user id (a direct dialog)."""
     if value is None:
         return None
-    if not isinstance(value, str) or not CHAT_ID.match(value):
+    if not isinstance(value, str) or not CHAT_ID.fullmatch(value):
         raise IntakeError(400, "chat must look like chat42", "chat")
     if not GROUP_CHAT.match(value):
         raise IntakeError(400, "chat must be a group chat (chat42); a request may not name a person's dialog",

@@ -9,6 +9,7 @@ is recorded on the request, so its status explains every document.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from rq import Retry
@@ -155,11 +156,8 @@ def documents(client: Any, rule: dict[str, Any], obj: dict[str, Any], check: dic
         items = raw if isinstance(raw, list) else [raw] if raw not in (None, "", 0, "0") else []
         ids = []
         for item in items:
-            try:
-                doc_id = int(item)
-            except (TypeError, ValueError):
-                continue
-            if doc_id > 0 and doc_id not in ids:
+            doc_id = strict_document_id(item)
+            if doc_id is not None and doc_id not in ids:
                 ids.append(doc_id)
         check["document_ids"] = ids[:policy.MAX_DOCUMENTS]
         check["documents_from"] = {"field": rule["documents_field"], "value": raw}
@@ -167,6 +165,25 @@ def documents(client: Any, rule: dict[str, Any], obj: dict[str, Any], check: dic
     numbers = [safe_format(template, values) for template in (rule.get("documents_by") or {}).values()]
     check["document_numbers"] = [number for number in numbers if number]
     check["documents_from"] = {"by": rule.get("documents_by")}
+
+
+# A document id as a CRM field holds it: an int, or a string of ASCII digits (nothing int() would also take:
+# True, 12.9, "1_0", " 7", "٣"). Bitrix24 ids are 32-bit signed integers.
+DOCUMENT_ID_TEXT = re.compile(r"[0-9]{1,10}", re.ASCII)
+MAX_DOCUMENT_ID = 2**31 - 1
+
+
+def strict_document_id(value: Any) -> int | None:
+    """A positive document id from a CRM value, or None when the value is not plainly one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        doc_id = value
+    elif isinstance(value, str) and DOCUMENT_ID_TEXT.fullmatch(value):
+        doc_id = int(value)
+    else:
+        return None
+    return doc_id if 0 < doc_id <= MAX_DOCUMENT_ID else None
 
 
 def safe_format(template: str, values: dict[str, Any]) -> str:

@@ -226,9 +226,9 @@ def test_robot_call_is_accepted_with_its_document_reference(client: FlaskClient,
 
 
 def test_robot_with_wrong_key_gets_401(client: FlaskClient, redis_conn: redis.Redis) -> None:
-    assert client.get("/v1/bitrix24/robot?document_ids=1&key=nope").status_code == 401
-    assert client.get("/v1/bitrix24/robot?document_ids=1").status_code == 401
-    assert client.get(f"/v1/bitrix24/robot?document_ids=x&key={ROBOT_SECRET}").status_code == 400
+    assert client.post("/v1/bitrix24/robot?document_ids=1&key=nope").status_code == 401
+    assert client.post("/v1/bitrix24/robot?document_ids=1").status_code == 401
+    assert client.post(f"/v1/bitrix24/robot?document_ids=x&key={ROBOT_SECRET}").status_code == 400
     assert queued(redis_conn) == []
 
 
@@ -287,13 +287,13 @@ def test_a_signed_request_cannot_be_replayed_as_new_with_another_idempotency_key
 
 def test_robot_refuses_unknown_portals_like_wrong_keys_and_odd_ids(client: FlaskClient,
                                                                    redis_conn: redis.Redis) -> None:
-    unknown = client.get(f"/v1/bitrix24/robot?portal=elsewhere&key={ROBOT_SECRET}&document_ids=1")
-    wrong = client.get("/v1/bitrix24/robot?portal=default&key=nope&document_ids=1")
+    unknown = client.post(f"/v1/bitrix24/robot?portal=elsewhere&key={ROBOT_SECRET}&document_ids=1")
+    wrong = client.post("/v1/bitrix24/robot?portal=default&key=nope&document_ids=1")
     assert unknown.status_code == wrong.status_code == 401
     assert unknown.get_json() == wrong.get_json()
     for ids in ("1_000", "\u0663", "1.5", "99999999999"):
-        assert client.get(f"/v1/bitrix24/robot?key={ROBOT_SECRET}&document_ids={ids}").status_code == 400
-    numbers = client.get(f"/v1/bitrix24/robot?key={ROBOT_SECRET}&document_numbers=RMA 2291,RMA 2292")
+        assert client.post(f"/v1/bitrix24/robot?key={ROBOT_SECRET}&document_ids={ids}").status_code == 400
+    numbers = client.post(f"/v1/bitrix24/robot?key={ROBOT_SECRET}&document_numbers=RMA 2291,RMA 2292")
     assert numbers.status_code == 202
     status = client.get(numbers.get_json()["status_url"], headers=bearer()).get_json()
     assert [d["number"] for d in status["documents"]] == ["RMA 2291", "RMA 2292"]

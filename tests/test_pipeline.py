@@ -36,6 +36,9 @@ def service_env(redis_url: str, webhook: str, **extra: str) -> dict[str, str]:
     return env
 
 
+METRICS_TOKEN = "pipeline-metrics-token"
+
+
 @pytest.fixture(scope="module")
 def worker(redis_proc: devenv.Process, shared_sandbox: devenv.Process,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
@@ -55,7 +58,7 @@ def portal(sandbox: devenv.Process) -> SandboxView:
 def client(redis_proc: devenv.Process, shared_sandbox: devenv.Process, worker: Path) -> FlaskClient:
     env = service_env(redis_proc.url, shared_sandbox.extra["webhook"])
     config = {"_env_file": None, "redis_url": env["REDIS_URL"], "b24_webhook_url": env["B24_WEBHOOK_URL"],
-              "b24_chat_id": "chat1", "trigger_api_keys": API_KEY}
+              "b24_chat_id": "chat1", "trigger_api_keys": API_KEY, "metrics_token": METRICS_TOKEN}
     return create_app(config).test_client()
 
 
@@ -250,7 +253,8 @@ def test_missing_scope_fails_the_request_reports_it_and_keeps_the_job(
 def test_metrics_show_what_the_workers_did(client: FlaskClient, portal: SandboxView) -> None:
     request_id = submit(client, "metrics-1", document_ids=[20])
     finished(client, request_id)
-    page = wait_for(lambda: (text := client.get("/metrics").get_data(as_text=True))
+    metrics = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    page = wait_for(lambda: (text := client.get("/metrics", headers=metrics).get_data(as_text=True))
                     and 'b24cancel_document_outcomes_total{outcome="cancelled",portal="default"}' in text and text,
                     timeout=10, what="the worker's counts in /metrics")
     assert 'b24cancel_bitrix24_calls_total{method="catalog.document.cancel",portal="default",result="ok"}' in page
