@@ -19,7 +19,7 @@ workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() + 1)
 # errors as JSON. Threads wait on sockets and Redis, not on the CPU: 32 per process means 96 connections
 # at once on 3 workers before anyone waits (bench.slowloris measures 50 dripping clients).
 worker_class = "transport.IntakeWorker"
-threads = int(os.environ.get("WEB_THREADS", 32))
+threads = int(os.environ.get("WEB_THREADS", "32"))
 # A worker takes no more connections than it has threads: a worker whose threads are all held stops
 # accepting, and the others take the new connections instead of queueing them behind the held ones.
 worker_connections = threads

@@ -166,7 +166,7 @@ class Connection(gthread.TConn):
     def init(self) -> None:
         fresh = not self.initialized
         super().init()
-        if fresh and type(self.parser) is RequestParser and not self.parser.unreader.buf.getvalue():
+        if fresh and type(self.parser) is RequestParser and not self.parser.unreader.buf.getvalue():  # type: ignore[has-type]
             self.parser = BoundedRequestParser(self.cfg, self.sock, self.client)
 
 

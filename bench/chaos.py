@@ -63,6 +63,7 @@ import httpx
 import redis
 from redis.sentinel import Sentinel
 
+import devenv
 from bench.common import (
     API_KEY,
     HOST,
@@ -76,7 +77,6 @@ from bench.common import (
     service_env,
     wait_for_workers,
 )
-import devenv
 from jobs import policy, records
 
 # -- what the run does (defaults of the command line) ---------------------------------------------
@@ -734,13 +734,13 @@ def _check(result: Result, accepted: list[Sent], states: dict[str, str], calls: 
     named = {d for s in accepted if states.get(s.request_id or "") == "done" for d in s.documents}
     conducted = sum(1 for d in named if docs.get(d, {}).get("status") == "Y")
     result.lines = [
-        f"reports: {sum(1 for rid in ids if reports[rid] == 0)} requests with none, "
-        f"{sum(1 for rid in ids if reports[rid] > 1)} with two or more "
-        f"({sum(reports[rid] - 1 for rid in ids if reports[rid] > 1)} extra messages)",
-        f"cancel calls: {sum(len(e) for e in by_doc.values())} reached the portal for {len(by_doc)} documents; "
-        f"{after_applied} were sent after one for the same document had applied (refused by the portal)",
-        f"documents still conducted that a request ended `done` named: {conducted}; accepted requests without "
-        f"a record: {sum(1 for rid in ids if states.get(rid) == 'missing')}",
+        (f"reports: {sum(1 for rid in ids if reports[rid] == 0)} requests with none, "
+         f"{sum(1 for rid in ids if reports[rid] > 1)} with two or more "
+         f"({sum(reports[rid] - 1 for rid in ids if reports[rid] > 1)} extra messages)"),
+        (f"cancel calls: {sum(len(e) for e in by_doc.values())} reached the portal for {len(by_doc)} documents; "
+         f"{after_applied} were sent after one for the same document had applied (refused by the portal)"),
+        (f"documents still conducted that a request ended `done` named: {conducted}; accepted requests without "
+         f"a record: {sum(1 for rid in ids if states.get(rid) == 'missing')}"),
     ]
 
 

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -100,8 +99,9 @@ class Drippers:
         while not self.stop_flag.wait(self.interval):
             # Whatever became readable was closed (or answered) by the server: replace it.
             for key, _ in sel.select(0):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
+                fileobj = key.fileobj
+                assert isinstance(fileobj, socket.socket)
+                sock = fileobj
                 sel.unregister(sock)
                 sock.close()
                 socks.remove(sock)
@@ -119,7 +119,7 @@ class Drippers:
             sock.close()
         sel.close()
 
-    def __enter__(self) -> Drippers:
+    def __enter__(self) -> Drippers:  # noqa: PYI034 - a plain class, not meant to be subclassed
         self.thread.start()
         return self
 

@@ -6,7 +6,15 @@ import redis
 from flask import Blueprint, Response, request
 from rq import Worker
 
-from handlers.intake import IntakeError, Reply, authenticate_trigger, constant_time_in, held_back, require_admin, services
+from handlers.intake import (
+    IntakeError,
+    Reply,
+    authenticate_trigger,
+    constant_time_in,
+    held_back,
+    require_admin,
+    services,
+)
 from jobs import policy
 
 bp = Blueprint("health", __name__)

@@ -48,7 +48,7 @@ class LiveScheduler(RQScheduler):
                 successful.add(name)
         self._scheduled_job_registries = []
         self._acquired_locks = successful
-        self.lock_acquisition_time = datetime.now()
+        self.lock_acquisition_time = datetime.now()  # type: ignore[assignment]  # RQ declares it None at first
         if self._acquired_locks and auto_start and (not self._process or not self._process.is_alive()):
             self.start()
         return successful

@@ -79,8 +79,9 @@ class CancelJob(Job):
         with self._statuses_in(pipeline):
             super().retry(queue, pipeline)
 
-    def _handle_retry_result(self, queue: Queue, pipeline: Pipeline, retry: Retry, **kwargs: Any) -> None:
-        """RQ's handling of a returned Retry, with the status in `pipeline`."""
+    def _handle_retry_result(self, queue: Queue, pipeline: Pipeline, retry: Retry,  # type: ignore[override]
+                             **kwargs: Any) -> None:
+        """RQ's handling of a returned Retry, with the status in `pipeline` (RQ's other arguments as given)."""
         with self._statuses_in(pipeline):
             super()._handle_retry_result(queue=queue, pipeline=pipeline, retry=retry, **kwargs)
 
@@ -180,7 +181,7 @@ class CancelWorker(HerokuWorker):
         finally:
             for queue in held:
                 self._unlock_maintenance(queue)
-        self.last_cleaned_at = now()
+        self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ declares it None until the first pass
 
     def _sweep_due(self) -> bool:
         # The sweep scans every job hash: one sweep per maintenance interval across all workers, not one per

@@ -173,10 +173,10 @@ def test_a_retry_writes_its_status_with_its_registry_entry_or_not_at_all(conn: r
         job = job_class.fetch(job_id, connection=conn, serializer=JSONSerializer)
         job.set_status(JobStatus.STARTED)
         now = datetime.now(UTC)
-        for reschedule in (lambda p: job._handle_retry_result(  # a job returned Retry (every wait of ours)
+        for reschedule in (lambda p, job=job, now=now: job._handle_retry_result(  # a job returned Retry (every wait of ours)
                                queue=queue, pipeline=p, retry=Retry(max=5, interval=[30]), execution_id="e",
                                execution_started_at=now, execution_ended_at=now),
-                           lambda p: job.retry(queue, p)):  # a crash or an abandoned job
+                           lambda p, job=job: job.retry(queue, p)):  # a crash or an abandoned job
             job.set_status(JobStatus.STARTED)
             job.retries_left = 2
             job.retry_intervals = [30]

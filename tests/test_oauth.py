@@ -193,8 +193,11 @@ def test_a_lost_refresh_answer_is_recovered_from_event_tokens_else_fails_clearly
         return str(answer.json()["request_id"])
 
     def finished(request_id: str) -> dict[str, Any]:
-        return wait_for(lambda: (lambda r: r if r["state"] in ("done", "failed") else None)(
-            http.get(f"/v1/requests/{request_id}").json()), timeout=60, what=f"request {request_id} to end")
+        def ended() -> dict[str, Any] | None:
+            state: dict[str, Any] = http.get(f"/v1/requests/{request_id}").json()
+            return state if state["state"] in ("done", "failed") else None
+
+        return wait_for(ended, timeout=60, what=f"request {request_id} to end")
 
     def event(**tokens: bool) -> None:
         sent = portal.http.post("/_sandbox/events/send", json={"url": f"{web.url}/v1/bitrix24/events",
