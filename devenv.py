@@ -169,7 +169,9 @@ def start_redis(directory: Path, port: int | None = None, prefer_path: bool = Tr
     port = port or free_port()
     argv = [redis_binary(prefer_path), "--bind", "127.0.0.1", "--port", str(port),
             "--dir", str(directory), "--save", "", "--daemonize", "no",
-            "--maxmemory-policy", "noeviction", "--protected-mode", "yes"]
+            "--maxmemory-policy", "noeviction", "--protected-mode", "yes",
+            # a replica's first sync starts at once (Redis waits 5 s by default to batch replicas)
+            "--repl-diskless-sync-delay", "0"]
     if persist:
         argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
     else:

@@ -42,7 +42,7 @@ BATCH_MAX = 50
 # limiter's wait; this many times in one call before the error goes up to the job.
 RATE_LIMIT_RESENDS = 4
 # One call's whole time (limiter sleeps, resends after QUERY_LIMIT_EXCEEDED, a token refresh, each send's
-# connect and read time) stays within this many seconds: below a job's 90 s lease, so a job checks its
+# connect and read time) stays within this many seconds: below a job's 75 s lease, so a job checks its
 # lease at least this often, and an abandoned copy never waits on one call longer. A resend that could
 # not finish in what is left is not made. (At least one full send always fits, whatever the timeouts.)
 CALL_DEADLINE_SECONDS = 60.0

@@ -72,10 +72,11 @@ DEFER_MAX = 2000
 RATE_LIMIT_DEFER = 10
 # An OPERATION_TIME_LIMIT without a reset time: one bucket of Bitrix24's 10-minute window.
 OPERATING_DEFER = 60
-# One run of a request's job at a time: a lease, renewed as the job saves progress, that outlives the
-# longest step (a call with its connect and read timeouts, plus a limiter sleep) with room to spare. A
-# killed job's lease expires within this; a second copy of the job waits for it instead of re-sending.
-LEASE_SECONDS = 90
+# One run of a request's job at a time: a lease that a heartbeat renews every third of its life while the job
+# runs. It outlives one Bitrix24 call whatever happens to the heartbeat (bitrix24.client.CALL_DEADLINE_SECONDS,
+# 60 s), and is short enough that a killed run's lease lapses (at most 75 s after the kill) by the time RQ runs
+# the abandoned job again (at most 71 s, README "Liveness after crashes"): the request runs again within 90 s.
+LEASE_SECONDS = 75
 # The ambiguity rule: after a call that got no answer, nothing that depends on its effect (re-read, re-send,
 # chat search) happens until the call can no longer be running on Bitrix24's side: its execution limit
 # (the setting B24_EXECUTION_LIMIT, 60 s in the cloud) plus this margin, counted from when it was sent.

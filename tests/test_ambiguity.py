@@ -219,13 +219,18 @@ def test_the_lease_is_renewed_through_a_call_longer_than_the_lease(
             time.sleep(0.2)
 
     watcher = threading.Thread(target=rival)
-    watcher.start()
+
+    def run(lease: Lease) -> Any:
+        watcher.start()  # only once the lease is ours: the rival must find it taken, not take it first
+        return b24.call("server.time").result
+
     started = time.monotonic()
     try:
-        result = exclusively(redis_conn, "cancel", "r" * 32, lambda lease: b24.call("server.time").result)
+        result = exclusively(redis_conn, "cancel", "r" * 32, run)
     finally:
         done.set()
-        watcher.join()
+        if watcher.is_alive():
+            watcher.join()
     assert time.monotonic() - started >= 4  # the call outlasted the lease more than twice
     assert result and len(stolen) >= 15 and not any(stolen)  # yet no other copy could take the request
     assert redis_conn.exists(key) == 0  # given back at the end

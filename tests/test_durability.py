@@ -54,7 +54,7 @@ class Pair:
         wait_synced(self.replica)
 
 
-def wait_synced(replica: devenv.Process, timeout: float = 20) -> None:
+def wait_synced(replica: devenv.Process, timeout: float = 60) -> None:
     """Wait until the replica's link to its primary is up (its first sync is done)."""
     conn = redis.Redis.from_url(replica.url)
     try:

@@ -71,7 +71,9 @@ def conn(server: RedisServer) -> Iterator[redis.Redis]:
 def service_env(redis_url: str, webhook: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("B24_", "TRIGGER_", "SENTRY_"))}
     env.update({"REDIS_URL": redis_url, "B24_WEBHOOK_URL": webhook, "B24_CHAT_ID": "chat1",
-                "TRIGGER_API_KEYS": API_KEY, "B24_READ_TIMEOUT": "10", "B24_CONNECT_TIMEOUT": "1"})
+                "TRIGGER_API_KEYS": API_KEY, "B24_READ_TIMEOUT": "10", "B24_CONNECT_TIMEOUT": "1",
+                # short, so a call left unanswered by a crash settles in seconds (the ambiguity rule)
+                "B24_EXECUTION_LIMIT": "3"})
     return env
 
 
@@ -151,7 +153,7 @@ def job_started_at(conn: redis.Redis, job_id: str) -> float | None:
 
 
 def sent(conn: redis.Redis, request_id: str) -> bool:
-    return any(doc.get("sent") for doc in record(conn, request_id)["documents"])
+    return any(doc.get("sent_at") for doc in record(conn, request_id)["documents"])
 
 
 # -- RQ 3.0.0's retry race and the sweeper, on Redis directly -------------------------------------------
