@@ -28,6 +28,7 @@ from app import create_app
 from jobs import policy, records
 from jobs.lifecycle import lease_key
 from tests.helpers import API_KEY, SandboxView, bearer, wait_for
+from tests.test_pipeline import status, submit
 from tests.test_sentry import horse_of
 
 EXECUTION_LIMIT = 3.0
@@ -89,16 +90,6 @@ def conn(stack: dict[str, Any]) -> redis.Redis:
 @pytest.fixture
 def portal(sandbox: devenv.Process) -> SandboxView:
     return SandboxView(sandbox.url)
-
-
-def submit(client: FlaskClient, key: str, **body: Any) -> str:
-    response = client.post("/v1/cancel", json=body, headers={**bearer(), "Idempotency-Key": key})
-    assert response.status_code == 202, response.get_json()
-    return str(response.get_json()["request_id"])
-
-
-def status(client: FlaskClient, request_id: str) -> dict[str, Any]:
-    return client.get(f"/v1/requests/{request_id}", headers=bearer()).get_json()  # type: ignore[no-any-return]
 
 
 def ended(client: FlaskClient, request_id: str, state: str = "done", timeout: float = 40) -> dict[str, Any]:
