@@ -44,8 +44,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.extensions["b24cancel"] = Services.build(settings, conn)
 
     from handlers import api, events, health, robot
+    from handlers import app as app_handlers
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(app_handlers.bp)
     app.register_blueprint(robot.bp)
     app.register_blueprint(events.bp)
     app.register_blueprint(health.bp)

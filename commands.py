@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 
 import click
+import redis
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 from rq import Queue
@@ -56,10 +57,18 @@ def replay(request_id: str) -> None:
 def check_config() -> None:
     """Print the configured portals and callers (secrets masked); the settings were validated at start-up."""
     svc = current_app.extensions["b24cancel"]
-    for portal in svc.portals.values():
+    app = svc.settings.app
+    if app is not None:
+        click.echo(f"app: client_id {app.client_id}, install URL {app.url('/v1/bitrix24/app/install')}, "
+                   f"chat {app.chat or 'created at install'}, {len(app.rules)} event rules")
+    try:
+        every = svc.all_portals()
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot read installed portals from Redis: {type(exc).__name__}") from None
+    for portal in every.values():
         info = portal.public()
-        click.echo(f"{info['name']}: {info['url']} ({info['auth']}), chat {info['chat']}, plan {info['plan']}, "
-                   f"{len(portal.rules)} event rules")
+        click.echo(f"{info['name']}: {info['url']} ({info['auth']}), chat {info['chat'] or 'none yet'}, "
+                   f"plan {info['plan']}, {len(portal.rules)} event rules")
     for caller in svc.settings.callers.values():
         portals = "every portal" if caller.portals is None else ", ".join(sorted(caller.portals)) or "no portal"
         click.echo(f"caller {caller.name}: {len(caller.key_hashes)} key(s), {len(caller.secrets)} secret(s); "

@@ -35,6 +35,8 @@ def remember_secrets(settings: Settings) -> None:
     """Every configured secret value, so that masking finds it in any text."""
     values: list[str | None] = [*settings.api_keys, *settings.webhook_secrets]
     values += [secret for caller in settings.callers.values() for secret in caller.secrets]
+    if settings.app is not None:
+        values.append(settings.app.client_secret)
     for portal in settings.portals.values():
         values += [portal.application_token, portal.robot_secret]
         if portal.oauth:

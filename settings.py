@@ -112,6 +112,58 @@ class OAuthApp:
     client_secret: str = field(repr=False)
     refresh_token: str = field(repr=False)
     server: str = "https://oauth.bitrix.info/oauth/token/"
+    # Tokens of an installed portal live only in Redis: no stored pair means the app was uninstalled.
+    installed: bool = False
+
+
+# `oauth_server = "portal"`: each installed portal is its own OAuth server (the sandbox is both); loopback only.
+PORTAL_OAUTH_SERVER = "portal"
+DEFAULT_OAUTH_SERVER = "https://oauth.bitrix.info/oauth/token/"
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The service as a Bitrix24 app (local or marketplace): its credentials, where Bitrix24 reaches it, and
+    what every installed portal gets (chat, language, event rules)."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    public_url: str
+    oauth_server: str = DEFAULT_OAUTH_SERVER
+    chat: str | None = None
+    language: Literal["en", "ru"] = "en"
+    rules: tuple[dict[str, Any], ...] = ()
+
+    def url(self, path: str) -> str:
+        """An absolute URL of this service that Bitrix24 calls (install, robot and event handlers)."""
+        return self.public_url.rstrip("/") + path
+
+    def token_url(self, client_endpoint: str) -> str:
+        """The OAuth server's token endpoint for a portal reached at `client_endpoint`."""
+        if self.oauth_server == PORTAL_OAUTH_SERVER:
+            parts = urlsplit(client_endpoint)
+            return f"{parts.scheme}://{parts.netloc}/oauth/token/"
+        return self.oauth_server
+
+
+def check_public_url(url: str) -> str:
+    """Validate PUBLIC_URL: https (plain http only on loopback), no query; normalised without a trailing slash."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("must be the https base URL that Bitrix24 reaches, like https://cancel.example.com")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError("must use https (plain http is accepted only for a loopback sandbox)")
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def check_oauth_server(value: str) -> str:
+    """Validate the OAuth server's token URL (or `portal`, the sandbox's own)."""
+    if value == PORTAL_OAUTH_SERVER:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback(parts.hostname or "")):
+        raise ValueError("must be an https URL (plain http only for a loopback sandbox)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -134,6 +186,8 @@ class Portal:
     oauth: OAuthApp | None = field(default=None, repr=False)
     # Chats (besides `chat`) that a request for this portal may name in `chat`.
     chats: frozenset[str] = frozenset()
+    # Installed through the app (stored in Redis by member_id), not configured.
+    installed: bool = False
 
     @property
     def base_url(self) -> str:
@@ -160,8 +214,9 @@ class Portal:
 
     def public(self) -> dict[str, Any]:
         """What may be shown about the portal: never a secret."""
+        auth = "installed app" if self.installed else "oauth app" if self.oauth else "incoming webhook"
         return {"name": self.name, "url": self.masked_url, "chat": self.chat, "plan": self.plan,
-                "language": self.language, "auth": "oauth app" if self.oauth else "incoming webhook"}
+                "language": self.language, "auth": auth}
 
 
 @dataclass(frozen=True)
@@ -198,6 +253,13 @@ class Settings(BaseSettings):
     b24_domain: str | None = None
     # Many portals: a TOML file with one [portals.<name>] section each (instead of the B24_* variables).
     b24_portals_file: str | None = None
+    # The service as a Bitrix24 app (or the portals file's [app] table): portals then come from installs.
+    b24_app_client_id: str | None = None
+    b24_app_client_secret: str | None = None
+    b24_app_oauth_server: str | None = None
+    b24_app_chat: str | None = None
+    b24_app_language: Literal["en", "ru"] | None = None
+    public_url: str | None = None
 
     # Limits: overrides of the plan's rate and burst, and the share of the burst we use.
     b24_rate_limit: float | None = Field(default=None, gt=0)
@@ -237,6 +299,23 @@ class Settings(BaseSettings):
     # (host:port) that serves /metrics only, without a token. With neither, /metrics answers 401.
     metrics_token: str | None = None
     metrics_bind: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        return check_public_url(value) if value else None
+
+    @field_validator("b24_app_oauth_server")
+    @classmethod
+    def _app_oauth_server(cls, value: str | None) -> str | None:
+        return check_oauth_server(value) if value else None
+
+    @field_validator("b24_app_chat")
+    @classmethod
+    def _app_chat(cls, value: str | None) -> str | None:
+        if value and not GROUP_CHAT.match(value):
+            raise ValueError("must be a group chat like chat42")
+        return value or None
 
     @field_validator("b24_chat_id")
     @classmethod
@@ -292,6 +371,12 @@ class Settings(BaseSettings):
 
     _portals: dict[str, Portal] = PrivateAttr(default_factory=dict)
     _callers: dict[str, Caller] = PrivateAttr(default_factory=dict)
+    _app: AppSettings | None = PrivateAttr(default=None)
+
+    @property
+    def app(self) -> AppSettings | None:
+        """The service as a Bitrix24 app, when configured (B24_APP_* / PUBLIC_URL, or the [app] table)."""
+        return self._app
 
     @property
     def callers(self) -> dict[str, Caller]:
@@ -305,7 +390,7 @@ class Settings(BaseSettings):
 
     def _build_portals(self) -> None:
         if self.b24_portals_file:
-            self._portals, self._callers = portals_from_file(Path(self.b24_portals_file))
+            self._portals, self._callers, self._app = portals_from_file(Path(self.b24_portals_file))
         elif self.b24_webhook_url:
             self._portals = {DEFAULT_PORTAL: Portal(
                 name=DEFAULT_PORTAL, webhook_url=self.b24_webhook_url, chat=self.b24_chat_id or "",
@@ -313,6 +398,7 @@ class Settings(BaseSettings):
                 language=self.b24_language, plan=self.b24_plan,
                 member_id=self.b24_member_id, domain=self.b24_domain,
             )}
+        self._app = self._app_from_env(self._app)
         if self.api_keys or self.webhook_secrets:
             if DEFAULT_CALLER in self._callers:
                 raise SettingsError(f"invalid configuration:\n  TRIGGER_API_KEYS / TRIGGER_SECRETS and "
@@ -327,6 +413,26 @@ class Settings(BaseSettings):
             self._callers = {DEFAULT_CALLER: Caller(
                 name=DEFAULT_CALLER, key_hashes=tuple(key_sha256(key) for key in self.api_keys),
                 secrets=tuple(self.webhook_secrets), portals=None, admin=True), **self._callers}
+
+    def _app_from_env(self, from_file: AppSettings | None) -> AppSettings | None:
+        """The app: the [app] table, with any B24_APP_* / PUBLIC_URL variable overriding its value."""
+        given = {"client_id": self.b24_app_client_id, "client_secret": self.b24_app_client_secret,
+                 "public_url": self.public_url, "oauth_server": self.b24_app_oauth_server,
+                 "chat": self.b24_app_chat, "language": self.b24_app_language}
+        given = {name: value for name, value in given.items() if value}
+        if from_file is None and not given:
+            return None
+        base: dict[str, Any] = {"client_id": "", "client_secret": "", "public_url": ""}
+        if from_file is not None:
+            base = {name: getattr(from_file, name) for name in
+                    ("client_id", "client_secret", "public_url", "oauth_server", "chat", "language", "rules")}
+        base.update(given)
+        missing = [f"B24_APP_{name.upper()}" if name != "public_url" else "PUBLIC_URL"
+                   for name in ("client_id", "client_secret", "public_url") if not base.get(name)]
+        if missing:
+            raise SettingsError(f"invalid configuration:\n  {', '.join(missing)}: required for the app (or "
+                                "client_id, client_secret and public_url in the [app] table)")
+        return AppSettings(**base)
 
     def portal_for_event(self, member_id: str | None, domain: str | None) -> Portal | None:
         """The portal an outgoing event comes from, by member_id, else by domain."""
@@ -558,8 +664,8 @@ class CallerConfig(BaseModel):
 PORTAL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def portals_from_file(path: Path) -> tuple[dict[str, Portal], dict[str, Caller]]:
-    """Read the portals file (portals and callers); raise SettingsError with one line per problem (never a
+def portals_from_file(path: Path) -> tuple[dict[str, Portal], dict[str, Caller], AppSettings | None]:
+    """Read the portals file (portals, callers and the app); raise SettingsError with one line per problem (never a
     secret value)."""
     where = f"B24_PORTALS_FILE ({path})"
     try:
@@ -570,13 +676,14 @@ def portals_from_file(path: Path) -> tuple[dict[str, Portal], dict[str, Caller]]
         raise SettingsError(f"invalid configuration:\n  {where}: not valid TOML (a name defined twice?): "
                             f"{exc}") from None
     problems: list[str] = []
-    unknown = sorted(set(data) - {"portals", "callers"})
+    unknown = sorted(set(data) - {"portals", "callers", "app"})
     if unknown:
-        problems.append(f"{where}: unknown top-level key {unknown[0]!r} (expected [portals.<name>] and "
-                        "[callers.<name>] sections)")
+        problems.append(f"{where}: unknown top-level key {unknown[0]!r} (expected [portals.<name>], "
+                        "[callers.<name>] and [app] sections)")
+    app = app_from_file(data.get("app"), where, problems)
     sections = data.get("portals") or {}
-    if not isinstance(sections, dict) or not sections:
-        problems.append(f"{where}: no [portals.<name>] section")
+    if not isinstance(sections, dict) or (not sections and "app" not in data):
+        problems.append(f"{where}: no [portals.<name>] section (and no [app] table)")
         sections = {}
     portals: dict[str, Portal] = {}
     seen: dict[str, str] = {}
@@ -608,7 +715,58 @@ def portals_from_file(path: Path) -> tuple[dict[str, Portal], dict[str, Caller]]
     callers = callers_from_file(data.get("callers"), portals, where, problems)
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
-    return portals, callers
+    return portals, callers, app
+
+
+class AppConfig(BaseModel):
+    """The [app] table of the portals file: the service as a Bitrix24 app (any value may come from B24_APP_*)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str = ""
+    client_secret: str = Field(default="", repr=False)
+    public_url: str = ""
+    oauth_server: str = DEFAULT_OAUTH_SERVER
+    chat: str | None = None
+    language: Literal["en", "ru"] = "en"
+    rules: list[RuleConfig] = []
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        return check_public_url(value) if value else value
+
+    @field_validator("oauth_server")
+    @classmethod
+    def _oauth_server(cls, value: str) -> str:
+        return check_oauth_server(value)
+
+    @field_validator("chat")
+    @classmethod
+    def _chat(cls, value: str | None) -> str | None:
+        if value is not None and not GROUP_CHAT.match(value):
+            raise ValueError("must be a group chat like chat42")
+        return value
+
+
+def app_from_file(section: Any, where: str, problems: list[str]) -> AppSettings | None:
+    """The [app] table as the app's settings (credentials may still come from B24_APP_*)."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        problems.append(f"{where}: app must be an [app] table")
+        return None
+    try:
+        config = AppConfig.model_validate(section)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = ".".join(str(part) for part in error["loc"])
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: app.{loc}: {message}")
+        return None
+    return AppSettings(client_id=config.client_id, client_secret=config.client_secret, public_url=config.public_url,
+                       oauth_server=config.oauth_server, chat=config.chat, language=config.language,
+                       rules=tuple(rule.model_dump() for rule in config.rules))
 
 
 def callers_from_file(sections: Any, portals: dict[str, Portal], where: str,

@@ -48,6 +48,8 @@ MAX_ANSWER_BYTES = 64 * 1024
 WAIT_POLL = 0.05
 # The code of the permanent error when the stored refresh token is void and nothing newer came in.
 TOKEN_LOST = "OAUTH_TOKEN_LOST"
+# The code of the permanent error when an installed portal's tokens are gone: the app was uninstalled there.
+APP_UNINSTALLED = "APP_UNINSTALLED"
 # What the permanent error says (errors.ADVICE[TOKEN_LOST] says what a person must do).
 LOST_DESCRIPTION = ("the app's refresh token was refused (a refresh answer was lost, or the app was reinstalled) "
                     "and no newer token has arrived with an app event or robot call")
@@ -77,8 +79,12 @@ return 1
 """
 # Keep tokens from an event or robot call if they expire later than the stored ones (and, when both name a
 # user, belong to the same user). KEYS[1] tokens; ARGV[1] access, ARGV[2] expires, ARGV[3] refresh or '',
-# ARGV[4] its fence, ARGV[5] seed, ARGV[6] user id or '', ARGV[7] now
+# ARGV[4] its fence, ARGV[5] seed, ARGV[6] user id or '', ARGV[7] now, ARGV[8] '1' for an installed portal
+# (its pair exists only while the app is installed: an offer never brings an uninstalled portal back)
 OFFER_LUA = """
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
 local stored = tonumber(redis.call('HGET', KEYS[1], 'expires') or '') or 0
 if tonumber(ARGV[2]) <= stored then
   return 0
@@ -125,8 +131,14 @@ class OAuthTokens:
         self._store = conn.register_script(STORE_REFRESHED_LUA)
 
     def access_token(self) -> str:
-        """The stored access token; the first call ever for a portal refreshes to get one."""
+        """The stored access token; the first call ever for a portal refreshes to get one.
+
+        An installed portal's tokens exist only while the app is installed: none means uninstalled, and no
+        call goes out (read before every send, so a job running through an uninstall stops at its next call).
+        """
         token = _text(self.conn.hget(self.key, "access_token"))
+        if not token and self.app.installed:
+            raise self._uninstalled()
         return token if token else self.refresh(stale=None)
 
     def refresh(self, stale: str | None) -> str:
@@ -153,8 +165,11 @@ class OAuthTokens:
     def _refresh_now(self, deadline: float) -> str:
         """Call the OAuth server with the stored refresh token; store the new pair if no newer one came meanwhile."""
         stored = {_text(k): _text(v) for k, v in self.conn.hgetall(self.key).items()}
+        if self.app.installed and not stored.get("refresh_token"):
+            raise self._uninstalled()
         # The configured token seeds Redis; a new one in the configuration (the app was re-installed) wins.
-        from_config = stored.get("seed") != self.seed or not stored.get("refresh_token")
+        # An installed portal has no configured token: its pair comes from the install and lives in Redis only.
+        from_config = not self.app.installed and (stored.get("seed") != self.seed or not stored.get("refresh_token"))
         refresh_token = self.app.refresh_token if from_config else str(stored["refresh_token"])
         fence = fingerprint(refresh_token)
         if stored.get("void") == fence:
@@ -217,6 +232,11 @@ class OAuthTokens:
         return Bitrix24Error("OAUTH_UNREACHABLE", description, None, "oauth.refresh", retryable=True, ambiguous=True)
 
     @staticmethod
+    def _uninstalled() -> Bitrix24Error:
+        return Bitrix24Error(APP_UNINSTALLED, "app uninstalled: the portal removed the app and its tokens are "
+                             "deleted", None, "oauth.token")
+
+    @staticmethod
     def _lost() -> Bitrix24Error:
         return Bitrix24Error(TOKEN_LOST, LOST_DESCRIPTION, None, "oauth.refresh")
 
@@ -238,7 +258,7 @@ def offer_tokens(conn: redis.Redis, portal: str, app: OAuthApp, form: Mapping[st
     result = conn.register_script(OFFER_LUA)(
         keys=[token_key(portal)],
         args=[access, expires, refresh, fingerprint(refresh) if refresh else "", fingerprint(app.refresh_token),
-              form.get("auth[user_id]") or "", f"{time.time():.3f}"])
+              form.get("auth[user_id]") or "", f"{time.time():.3f}", "1" if app.installed else "0"])
     if result == -1:
         log.warning("event tokens of another user not stored", extra={"portal": portal})
     elif result == 1:

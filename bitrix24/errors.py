@@ -53,6 +53,7 @@ ADVICE = {
     "OAUTH_TOKEN_LOST": "Reinstall the app on the portal, or put a new refresh_token in the portals file, then "
                         "replay the request.",
     "ACCESS_ERROR": "The webhook's user is not a member of the report chat: add them to it.",
+    "APP_UNINSTALLED": "The app was removed from this portal: install it again to process requests.",
     "CHAT_ID": "The report chat does not exist: check the chat id in the settings.",
     "USER_NOT_FOUND": "The report chat's user does not exist: check the chat id in the settings.",
 }

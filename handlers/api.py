@@ -67,7 +67,11 @@ def portals() -> Reply:
     svc = services()
     require_admin(authenticate_trigger(request, svc))
     listed = []
-    for portal in svc.settings.portals.values():
+    try:
+        every = svc.all_portals()
+    except redis.RedisError:
+        raise IntakeError(503, "the service cannot read portals right now; retry later") from None
+    for portal in every.values():
         entry = portal.public()
         entry["rules"] = len(portal.rules)
         try:

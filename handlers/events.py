@@ -1,7 +1,8 @@
 """Bitrix24 outgoing events: POST /v1/bitrix24/events (form-encoded, PHP-style keys).
 
 The portal is found by auth[member_id] or auth[domain]; auth[application_token] is compared in constant
-time with that portal's token. Unknown portal and wrong token get the same 401, so portals cannot be
+time with that portal's token. A portal that installed the app is checked against its stored token and
+domain inside the submit's own Redis round trip (jobs/enqueue.py), so an app event costs no extra trip. Unknown portal and wrong token get the same 401, so portals cannot be
 probed. Nothing here calls Bitrix24: a matching event becomes a resolve job that reads the object and
 applies the portal's rules.
 """
@@ -14,8 +15,11 @@ from typing import Any
 import werkzeug.formparser  # noqa: F401 - loaded with the app (preloaded in gunicorn's master), not on the first event
 from flask import Blueprint, request
 
+from handlers.app import installed_stub, verify_installed
 from handlers.intake import IntakeError, Reply, constant_time_in, keep_app_tokens, services, submit
 from handlers.metrics import count_event
+from jobs.enqueue import Guard
+from registry import MEMBER_ID, portal_key
 
 bp = Blueprint("events", __name__)
 
@@ -38,16 +42,27 @@ def event() -> Reply:
         raise IntakeError(415, "Bitrix24 events are form-encoded (application/x-www-form-urlencoded)")
     form = request.form
     member_id, domain = form.get("auth[member_id]"), form.get("auth[domain]")
+    if form.get("event", "").strip().upper() == "ONAPPUNINSTALL":
+        from handlers.app import uninstall
+
+        return uninstall(svc, form)
     portal = svc.settings.portal_for_event(member_id, domain)
-    expected = portal.application_token if portal is not None else None
-    token_ok = constant_time_in(form.get("auth[application_token]", ""), [expected or NO_TOKEN])
-    if portal is None or not expected or not token_ok:
-        raise IntakeError(401, UNAUTHORIZED)
-    if (portal.member_id and member_id != portal.member_id) or (
-            portal.domain and (domain or "").lower() != portal.domain.lower()):
-        raise IntakeError(401, UNAUTHORIZED)
-    if portal.oauth is not None and "auth[access_token]" in form:
-        keep_app_tokens(svc.redis, portal, form)
+    guard = None
+    if portal is None and svc.settings.app is not None and member_id and MEMBER_ID.fullmatch(member_id):
+        # An installed portal: its token and domain are checked in Redis, in the submit's own round trip.
+        portal = installed_stub(svc.settings.app, member_id, domain or "")
+        guard = Guard(portal_key(member_id), form.get("auth[application_token]", ""), domain or "")
+    if guard is None:
+        expected = portal.application_token if portal is not None else None
+        token_ok = constant_time_in(form.get("auth[application_token]", ""), [expected or NO_TOKEN])
+        if portal is None or not expected or not token_ok:
+            raise IntakeError(401, UNAUTHORIZED)
+        if (portal.member_id and member_id != portal.member_id) or (
+                portal.domain and (domain or "").lower() != portal.domain.lower()):
+            raise IntakeError(401, UNAUTHORIZED)
+        if portal.oauth is not None and "auth[access_token]" in form:
+            keep_app_tokens(svc.redis, portal, form)
+    assert portal is not None
     name = form.get("event", "").strip().upper()
     raw_id = form.get("data[FIELDS][ID]", "").strip()
     if not EVENT_NAME.fullmatch(name):
@@ -56,6 +71,8 @@ def event() -> Reply:
         raise IntakeError(400, "data[FIELDS][ID] must be an object id (ASCII digits)", "data[FIELDS][ID]")
     object_id = str(int(raw_id))  # "05" and "5" are one object, so one idempotency key
     if not any(rule["event"] == name for rule in portal.rules):
+        if guard is not None:
+            verify_installed(svc, member_id or "", form)  # answered only once the sender is known
         # A name no rule names is counted as "other": senders never create metric labels.
         count_event(portal.name, "other", "no_rule")
         return {"status": "ignored", "message": f"no rule for {name} on portal {portal.name}"}, 200
@@ -68,6 +85,6 @@ def event() -> Reply:
     request_: dict[str, Any] = {"portal": portal.name, "source": "event", "event": name,
                                 "object_id": int(object_id), "ts": ts,
                                 "event_handler_id": form.get("event_handler_id")}
-    body, status = submit(svc, request_, f"{name}|{object_id}|{ts}", first_job="resolve")
+    body, status = submit(svc, request_, f"{name}|{object_id}|{ts}", first_job="resolve", guard=guard)
     count_event(portal.name, name, "accepted" if status == 202 else "repeat")
     return body, 200  # Bitrix24's queue expects 200

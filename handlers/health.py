@@ -44,7 +44,7 @@ def health() -> Reply:
     try:
         workers = Worker.count(connection=svc.redis)
         depth = {name: svc.redis.llen(f"rq:queue:{name}") for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE)}
-        holds = {name: hold for name in svc.settings.portals
+        holds = {name: hold for name in svc.all_portals()
                  if (hold := held_back(svc, name))["paused_methods"] or hold["slowed_until"]}
     except redis.RedisError:
         raise IntakeError(503, "Redis is unreachable") from None

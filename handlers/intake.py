@@ -18,7 +18,8 @@ from bitrix24.auth import offer_tokens
 from bitrix24.limits import LeakyBucket, OperatingBudget
 from jobs import policy, records
 from jobs.durability import NotReplicated
-from jobs.enqueue import Submitter
+from jobs.enqueue import Guard, Submitter
+from registry import Registry, member_of
 from settings import (
     BITRIX24_CALLER,
     CHAT_ID,
@@ -82,6 +83,8 @@ class Services:
     portals_of: dict[str, dict[str, Portal]] = field(default_factory=dict)
     # SANDBOX_MODE's caller (its key is accepted from loopback only), or None.
     sandbox: tuple[bytes, Caller] | None = None
+    # Configured and installed portals (installed ones are read from Redis when asked for).
+    registry: Registry | None = None
 
     @classmethod
     def build(cls, settings: Settings, conn: Redis) -> Services:
@@ -102,11 +105,28 @@ class Services:
                    portals=portals,
                    portals_of={caller.name: {name: portal for name, portal in portals.items()
                                              if caller.may_use(name)} for caller in callers},
-                   sandbox=sandbox)
+                   sandbox=sandbox, registry=Registry(settings, conn))
 
     def portal(self, name: str | None) -> Portal | None:
-        """The portal by name, from the dict built at start-up (no settings lookup per request)."""
-        return pick_portal(self.portals, name)
+        """The portal by name, from the dict built at start-up (no settings lookup per request); an installed
+        portal (`app-<member_id>`) is read from Redis."""
+        found = pick_portal(self.portals, name)
+        if found is None and name is not None and member_of(name) and self.registry is not None:
+            found = self.installed(name)
+        return found
+
+    def installed(self, name: str) -> Portal | None:
+        """An installed portal by name, from Redis (503 when Redis cannot answer)."""
+        assert self.registry is not None
+        try:
+            return self.registry.portal(name)
+        except redis.RedisError:
+            raise IntakeError(503, "the service cannot read portals right now; retry later") from None
+
+    def all_portals(self) -> dict[str, Portal]:
+        """Configured and installed portals by name."""
+        assert self.registry is not None
+        return self.registry.all()
 
 
 def services() -> Services:
@@ -201,6 +221,8 @@ def choose_portal(svc: Services, name: Any, caller: Caller | None = None) -> Por
     if name is not None and not isinstance(name, str):
         raise IntakeError(400, "portal must be a string", "portal")
     portal = svc.portal(name) if caller is None else pick_portal(svc.portals_of.get(caller.name, {}), name)
+    if portal is None and caller is not None and caller.portals is None and isinstance(name, str) and member_of(name):
+        portal = svc.installed(name)  # a caller allowed every portal may name an installed one
     if portal is None:
         if name is None:
             raise IntakeError(400, "portal is required when several portals are configured", "portal")
@@ -323,7 +345,7 @@ def idempotency_key(req: Request) -> str | None:
 
 
 def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: str = "cancel",
-           caller: Caller | None = None) -> Reply:
+           caller: Caller | None = None, guard: Guard | None = None) -> Reply:
     """Record the request and enqueue its first job (`cancel` or `resolve`) in one round trip: 202 when
     new, 200 for a repeat, 422 when the key was used with another body.
 
@@ -336,7 +358,7 @@ def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: 
                                        caller.name if caller is not None else BITRIX24_CALLER, key)
     try:
         result = svc.submitter.submit(request_id, request_, policy.FIRST_JOBS[first_job],
-                                      policy.first_job_id(first_job, request_id), idempotency_key=idem)
+                                      policy.first_job_id(first_job, request_id), idempotency_key=idem, guard=guard)
     except NotReplicated:
         # The write reached the primary but too few replicas confirmed it: a failover now could lose it, so no
         # 2xx. It may still exist: the same key's retry finds it and answers 200, so nothing is doubled.
@@ -345,6 +367,8 @@ def submit(svc: Services, request_: dict[str, Any], key: str | None, first_job: 
     except redis.RedisError:
         log.warning("redis unavailable at intake")
         raise IntakeError(503, "the service cannot store requests right now; retry later") from None
+    if result.outcome == "refused":
+        raise IntakeError(401, "unknown portal or wrong application token")
     if result.outcome == "key_reused":
         raise IntakeError(422, "this idempotency key was already used with a different request; send a new "
                                "key for a new request")

@@ -71,13 +71,16 @@ def run_cancel(conn: redis.Redis, request_id: str, lease: Lease) -> dict[str, An
     if record["state"] == "failed" and any(doc["outcome"] == "failed" for doc in docs):
         docs = start_replay(conn, request_id, record)
     ctx = worker_context()
-    portal = ctx.settings.portal(record["request"]["portal"])
+    portal = ctx.portal(record["request"]["portal"], conn)
     if portal is None:
+        why = ctx.portal_gone_reason(record["request"]["portal"], conn)
+        detail = "the app was uninstalled from the portal" if why != "portal not configured" else \
+            "the portal is no longer configured in the service"
         for doc in docs:
-            doc.update(outcome="failed", detail="the portal is no longer configured in the service")
-        records.save(conn, request_id, documents=docs, state="failed", error="portal not configured",
-                     finished_at=records.now_text())
-        final_failure(f"request {request_id}: portal {record['request']['portal']!r} is not configured")
+            if doc["outcome"] is None:
+                doc.update(outcome="failed", detail=detail)
+        records.save(conn, request_id, documents=docs, state="failed", error=why, finished_at=records.now_text())
+        final_failure(f"request {request_id}: portal {record['request']['portal']!r}: {why}")
     attempt = records.increment(conn, request_id, "attempts")
     records.save(conn, request_id, state="running")
     log.info("cancel started", extra={"request_id": request_id, "portal": portal.name, "attempt": attempt})

@@ -20,6 +20,7 @@ from bitrix24.gate import PortalGate
 from jobs import policy
 from jobs.lifecycle import check_current_lease
 from jobs.metrics import Tally
+from registry import Registry
 from settings import Portal, Settings, load_settings
 
 
@@ -43,6 +44,16 @@ class WorkerContext:
             timeout = httpx.Timeout(self.settings.b24_read_timeout, connect=self.settings.b24_connect_timeout)
             self._http = httpx.Client(timeout=timeout, follow_redirects=False, verify=self.tls)
         return self._http
+
+    def portal(self, name: str, conn: redis.Redis) -> Portal | None:
+        """The portal by name: configured, or installed through the app (read from Redis each time)."""
+        return Registry(self.settings, conn).portal(name)
+
+    def portal_gone_reason(self, name: str, conn: redis.Redis) -> str:
+        """Why a request's portal is not there: the app was uninstalled, or it is no longer configured."""
+        from registry import UNINSTALLED
+
+        return UNINSTALLED if Registry(self.settings, conn).gone(name) else "portal not configured"
 
     def client(self, portal: Portal, conn: redis.Redis) -> Bitrix24Client:
         """A client for the portal, passing through the limits shared with every other worker."""

@@ -15,10 +15,11 @@ hash we write is the one RQ writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
@@ -49,7 +50,16 @@ SUBMIT_SCRIPT = """
 -- ARGV[1] record TTL, ARGV[2] job id, ARGV[3] queue key, ARGV[4] request JSON, ARGV[5] documents JSON,
 -- ARGV[6] unix time, ARGV[7] job data, ARGV[8] job time (RQ's format), ARGV[9] job description,
 -- ARGV[10] request id, ARGV[11] the request's fingerprint
+-- With a guard (an installed portal's event): KEYS[6] the portal's hash, ARGV[12] the SHA-1 of the
+-- application token the sender gave, ARGV[13] the domain it gave (lower case). Digests are compared, so the
+-- comparison's time says nothing about the stored token.
 -- Returns {outcome, request id}: see SUBMIT_OUTCOMES.
+if ARGV[12] then
+  local stored = redis.call('HMGET', KEYS[6], 'application_token', 'domain')
+  if not stored[1] or redis.sha1hex(stored[1]) ~= ARGV[12] or string.lower(stored[2] or '') ~= ARGV[13] then
+    return {4, ''}
+  end
+end
 if KEYS[5] then
   local seen = redis.call('HMGET', KEYS[5], 'id', 'fingerprint')
   if seen[1] then
@@ -77,11 +87,21 @@ end
 return {1, ARGV[10]}
 """
 # What the submit script answers, by its first value.
-SUBMIT_OUTCOMES = {0: "duplicate", 1: "created", 2: "key_reused", 3: "conflict"}
+SUBMIT_OUTCOMES = {0: "duplicate", 1: "created", 2: "key_reused", 3: "conflict", 4: "refused"}
 
 
 
-Outcome = Literal["created", "duplicate", "key_reused", "conflict"]
+Outcome = Literal["created", "duplicate", "key_reused", "conflict", "refused"]
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What must hold in Redis for a submit to be written: the installed portal's hash (`key`) names this
+    application token and domain."""
+
+    key: str
+    token: str = field(repr=False)
+    domain: str
 
 
 @dataclass(frozen=True)
@@ -90,7 +110,8 @@ class Submitted:
 
     `created`: a new request; `duplicate`: a repeat of the key with the same body (the first request's
     id); `key_reused`: the key was used with another body (the first request's id, not to be shown);
-    `conflict`: the new id's record or job hash already existed (written by something else), nothing written.
+    `conflict`: the new id's record or job hash already existed (written by something else), nothing written;
+    `refused`: the guard did not hold (an installed portal's token or domain did not match), nothing written.
     """
 
     request_id: str
@@ -164,9 +185,13 @@ class Submitter:
         return self._scripts[key]
 
     def submit(self, request_id: str, request: dict[str, Any], func: str, job_id: str,
-               queue: str = policy.CANCEL_QUEUE, idempotency_key: str | None = None) -> Submitted:
+               queue: str = policy.CANCEL_QUEUE, idempotency_key: str | None = None,
+               guard: Guard | None = None) -> Submitted:
         """Write the record, enqueue `func(request_id)` and map the idempotency key to it, unless the key is
-        known already; one round trip (with REDIS_MIN_REPLICAS, the same round trip carries a WAIT)."""
+        known already; one round trip (with REDIS_MIN_REPLICAS, the same round trip carries a WAIT).
+
+        With `guard` (it needs an idempotency key), nothing is written unless the installed portal's stored
+        application token and domain are the ones given, checked in the same round trip."""
         q = self.queues[queue]
         script = self._script(q, func)
         record = records.new_record(request)
@@ -178,6 +203,11 @@ class Submitter:
         args = [self.record_ttl, job_id, q.key, record["request"], record["documents"], record["created_at"],
                 data, utcformat(now()), f"{func.rsplit('.', 1)[-1]}({request_id})", request_id,
                 records.fingerprint(request) if idempotency_key else ""]
+        if guard is not None:
+            if not idempotency_key:
+                raise ValueError("a guarded submit needs an idempotency key")
+            keys.append(guard.key)
+            args += [hashlib.sha1(guard.token.encode()).hexdigest(), guard.domain.lower()]
         return Submitted.read(self._run(script, keys=keys, args=args))
 
     def _run(self, script: Any, keys: list[Any], args: list[Any]) -> Any:

@@ -23,6 +23,7 @@ from rq import Retry
 
 from bitrix24.client import Bitrix24Client
 from bitrix24.errors import Bitrix24Error, Throttled
+from jobs import app as app_jobs
 from jobs import policy, records, report
 from jobs.context import job_connection, worker_context
 from jobs.durability import durable
@@ -56,18 +57,35 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
     if record is None:
         return {"skipped": "record expired"}
     round_ = int(record.get("round", 1))
-    if int(record.get("reported_round", 0)) >= round_:
+    workflow_pending = bool(record["request"].get("event_token")) and \
+        (record.get("workflow_state") or "") not in app_jobs.WORKFLOW_DONE
+    if int(record.get("reported_round", 0)) >= round_ and not workflow_pending:
         if record["state"] not in ("done", "failed"):  # a cancel job that ran again after the report
             records.save(conn, request_id, state=final_state(record))
         return {"message_id": record.get("message_id"), "already": True}
     ctx = worker_context()
-    portal = ctx.settings.portal(record["request"]["portal"])
+    portal = ctx.portal(record["request"]["portal"], conn)
     if portal is None:
-        records.save(conn, request_id, state="failed", report_error="portal not configured")
-        final_failure(f"request {request_id}: portal not configured; report not posted")
+        why = ctx.portal_gone_reason(record["request"]["portal"], conn)
+        records.save(conn, request_id, state="failed", report_error=why, finished_at=records.now_text())
+        final_failure(f"request {request_id}: {why}; report not posted")
     chat = record["request"].get("chat") or portal.chat
     client = ctx.client(portal, conn)
     limit = ctx.settings.b24_execution_limit
+    if workflow_pending:
+        # The robot's workflow hears first (it waits on it); the chat report follows, in this same job.
+        try:
+            waiting = app_jobs.return_to_workflow(conn, client, record, limit, ctx.settings.redis_min_replicas)
+        except Throttled as wait:
+            return defer(conn, request_id, wait.until, wait.reason)
+        if waiting is not None:
+            return waiting
+        if int(record.get("reported_round", 0)) >= round_:
+            return {"message_id": record.get("message_id"), "already": True}
+    if chat == app_jobs.NO_CHAT:
+        records.save(conn, request_id, reported_round=str(round_), state=final_state(record),
+                     finished_at=records.now_text(), waiting_for="", resume_at="")
+        return {"chat": "none"}
     nonce = round_nonce(record, round_)
     sent_at = float(record.get("report_sent_at") or 0)
     unanswered = record.get("report_sent") == str(round_) and nonce is not None

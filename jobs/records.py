@@ -68,7 +68,7 @@ def load(conn: redis.Redis, request_id: str) -> dict[str, Any] | None:
     if not raw:
         return None
     record: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
-    for name in ("request", "documents", "resolution", "pauses"):
+    for name in ("request", "documents", "resolution", "pauses", "workflow_returned"):
         if name in record:
             record[name] = json.loads(record[name])
     for name in ("attempts", "transient_failures", "deferrals"):
@@ -159,4 +159,8 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         view["report_error"] = record["report_error"]
     if "resolution" in record:
         view["resolution"] = record["resolution"]
+    if request.get("event_token"):  # the app robot's call: what its workflow got back (never the token)
+        view["workflow"] = {"state": record.get("workflow_state") or "pending",
+                            "returned": record.get("workflow_returned"),
+                            "error": record.get("workflow_error") or None}
     return view

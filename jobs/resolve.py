@@ -45,10 +45,11 @@ def run_resolve(conn: Any, request_id: str) -> dict[str, Any] | Retry:
         return continue_with(conn, request_id, record)
     request = record["request"]
     ctx = worker_context()
-    portal = ctx.settings.portal(request["portal"])
+    portal = ctx.portal(request["portal"], conn)
     if portal is None:
-        records.save(conn, request_id, state="failed", error="portal not configured")
-        final_failure(f"request {request_id}: portal {request['portal']!r} is not configured")
+        why = ctx.portal_gone_reason(request["portal"], conn)
+        records.save(conn, request_id, state="failed", error=why, finished_at=records.now_text())
+        final_failure(f"request {request_id}: portal {request['portal']!r}: {why}")
     client = ctx.client(portal, conn)
     records.save(conn, request_id, state="running")
     records.increment(conn, request_id, "attempts")

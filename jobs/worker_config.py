@@ -25,6 +25,7 @@ if not _settings.redis_url:
 
 observability.init(_settings, component="worker")
 
+import jobs.app
 import jobs.cancel
 import jobs.notify
 import jobs.resolve  # noqa: F401
