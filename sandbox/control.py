@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 from werkzeug.wrappers import Response
 
+from sandbox import appmode
 from sandbox.config import CANCELLED_STATUSES, LANGUAGES, OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET, PLAN_LIMITS
 from sandbox.events import EventError, send_event
 from sandbox.faults import FaultError
@@ -207,8 +208,12 @@ def put_crm_item() -> Response:
     fields = _object_fields(data)
     portal = _portal()
     with portal.lock:
+        existed = key in portal.crm_items
         portal.crm_items[key] = fields
-        return json_response({"entityTypeId": key[0], "item": {"id": key[1], **fields}})
+    # A change fires the app's bound online events, as on a portal (deals have their own event names).
+    kind = "ONCRMDEAL" if key[0] == 2 else "ONCRMDYNAMICITEM"
+    fired = appmode.fire(portal, kind + ("UPDATE" if existed else "ADD"), key[1])
+    return json_response({"entityTypeId": key[0], "item": {"id": key[1], **fields}, "fired": fired})
 
 
 @bp.post("/sale/shipments")
@@ -223,7 +228,8 @@ def put_shipment() -> Response:
     portal = _portal()
     with portal.lock:
         portal.shipments[shipment_id] = fields
-        return json_response({"shipment": {"id": shipment_id, **fields}})
+    fired = appmode.fire(portal, "ONSHIPMENTENTITYSAVED", shipment_id)
+    return json_response({"shipment": {"id": shipment_id, **fields}, "fired": fired})
 
 
 # -- inspection ------------------------------------------------------------------------------
@@ -437,3 +443,68 @@ def send() -> Response:
         raise BadRequest(str(exc)) from None
     except OSError as exc:
         return json_response({"status": None, "body": None, "error": f"{type(exc).__name__}: {exc}"}, 502)
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+@bp.post("/app/install")
+def app_install() -> Response:
+    """Install the sandbox app: `{"url": "<install handler>"}` gets ONAPPINSTALL with fresh tokens."""
+    url = _body().get("url")
+    if not isinstance(url, str):
+        raise BadRequest("`url` is required (the app's install handler, on a loopback host)")
+    try:
+        delivery = appmode.install(_portal(), url)
+    except EventError as exc:
+        raise BadRequest(str(exc)) from None
+    except OSError as exc:
+        return json_response({"installed": True, "status": None, "error": f"{type(exc).__name__}: {exc}"}, 502)
+    return json_response({"installed": True, **delivery})
+
+
+@bp.post("/app/uninstall")
+def app_uninstall() -> Response:
+    """Uninstall the app: ONAPPUNINSTALL to its bound handler (or the install URL); tokens are revoked."""
+    try:
+        return json_response(appmode.uninstall(_portal()))
+    except EventError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+@bp.get("/app")
+def app_state() -> Response:
+    """Whether the app is installed, its application token, bindings and robots."""
+    portal = _portal()
+    with portal.lock:
+        return json_response(portal.app.public())
+
+
+@bp.post("/robots/run")
+def robots_run() -> Response:
+    """Run a robot in a new workflow: `{"code", "document_id": [..3], "properties": {...}, "deliveries"?}`."""
+    data = _body()
+    code = data.get("code")
+    document_id = data.get("document_id", ["crm", "CCrmDocumentDeal", "DEAL_1"])
+    properties = data.get("properties", {})
+    if not isinstance(code, str) or not code:
+        raise BadRequest("`code` is required")
+    if not isinstance(document_id, list) or len(document_id) != 3:
+        raise BadRequest("`document_id` must be a list of three strings, like [\"crm\", \"CCrmDocumentDeal\", \"DEAL_5\"]")
+    if not isinstance(properties, dict):
+        raise BadRequest("`properties` must be an object")
+    deliveries = data.get("deliveries", 1)
+    if isinstance(deliveries, bool) or not isinstance(deliveries, int) or not 1 <= deliveries <= 10:
+        raise BadRequest("`deliveries` must be an integer from 1 to 10")
+    try:
+        return json_response(appmode.run_robot(_portal(), code, [str(p) for p in document_id], properties,
+                                               deliveries))
+    except EventError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+@bp.get("/workflows")
+def workflows() -> Response:
+    """Every workflow a robot ran in, with what `bizproc.event.send` returned (null while it waits)."""
+    portal = _portal()
+    with portal.lock:
+        return json_response([workflow.public() for workflow in portal.app.workflows])

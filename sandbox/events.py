@@ -77,8 +77,12 @@ def send_event(config: Config, spec: dict[str, Any], tokens: dict[str, str] | No
     url = spec.get("url")
     if not isinstance(url, str):
         raise EventError("`url` is required")
+    return post_form(url, urlencode(event_form(config, spec, tokens)))
+
+
+def post_form(url: str, body: str) -> dict[str, Any]:
+    """POST a form-encoded body to a loopback URL as Bitrix24's queue does; the handler's answer and time."""
     scheme, host, port, path = loopback_target(url)
-    body = urlencode(event_form(config, spec, tokens))
     connection_class = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
     started = time.perf_counter()
     connection = connection_class(host, port, timeout=SEND_TIMEOUT_SECONDS)

@@ -60,6 +60,8 @@ class CallContext:
     portal: Portal
     user_id: int
     now: float
+    # "webhook" or "oauth" (the app's context: event.bind, bizproc.*, app.info need it)
+    auth: str = "webhook"
 
     @property
     def language(self) -> str:

@@ -80,6 +80,15 @@ def render(portal: Portal) -> str:
         members = ", ".join(str(m) for m in sorted(chat.members))
         chats.append(f"<h3>{html.escape(chat.title)} <small>({html.escape(chat.dialog_id)}; "
                      f"members {members})</small></h3>" + ("".join(lines) or "<p><i>no messages</i></p>"))
+    app = portal.app
+    flows = "".join(
+        f"<tr><td>{html.escape(w.workflow_id)}</td><td>{html.escape(w.code)}</td>"
+        f"<td>{html.escape(', '.join(w.document_id))}</td>"
+        f"<td>{html.escape(json.dumps(w.properties, ensure_ascii=False))}</td>"
+        f"<td>{html.escape(json.dumps(w.returned, ensure_ascii=False)) if w.returned is not None else '<i>waiting</i>'}"
+        f"</td></tr>" for w in reversed(app.workflows))
+    app_line = (f"installed ({len(app.bindings)} handlers bound, robots: {html.escape(', '.join(app.robots) or 'none')})"
+                if app.installed else "not installed")
     failed = [c for c in portal.calls if c["http_status"] not in (200, None) or c["fault"]]
     failed = failed[-FAILED_CALLS_SHOWN:]
     call_rows = "".join(
@@ -108,6 +117,10 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size:
 {''.join(rows)}</table>
 <h2>Chats</h2>
 {''.join(chats)}
+<h2>App and workflows</h2>
+<p>App: {app_line}</p>
+<table><tr><th>workflow</th><th>robot</th><th>document</th><th>properties</th><th>returned</th></tr>
+{flows or '<tr><td colspan="5"><i>no workflow has run a robot</i></td></tr>'}</table>
 <h2>Latest failed calls</h2>
 <table><tr><th>seq</th><th>time</th><th>method</th><th>HTTP</th><th>error</th><th>fault</th></tr>
 {call_rows or '<tr><td colspan="6"><i>none</i></td></tr>'}</table>

@@ -261,14 +261,16 @@ class RestCall:
             return Outcome(unknown.status, {"error": unknown.code, "error_description": unknown.description},
                            unknown.code)
         with portal.lock:
-            if spec.scope and spec.scope not in portal.permissions.scopes:
+            # The app was installed with the webhook's scopes plus bizproc (its robot needs it).
+            scopes = portal.permissions.scopes + (["bizproc"] if identity.auth == "oauth" else [])
+            if spec.scope and spec.scope not in scopes:
                 return failure(INSUFFICIENT_SCOPE)
             now = time.time()
             if portal.operating.blocked(identity.key, spec.name, now):
                 return failure(OPERATION_TIME_LIMIT)
             began = time.perf_counter()
             try:
-                result: Any = spec.handler(CallContext(portal, identity.user_id, now), params)
+                result: Any = spec.handler(CallContext(portal, identity.user_id, now, identity.auth), params)
                 error: RestError | None = None
             except RestError as exc:
                 result, error = None, exc

@@ -207,6 +207,9 @@ class Portal:
             self.limiter = LeakyBucket(self.config.rate, self.config.burst, time.monotonic())
             self.operating = OperatingBudget(self.config.operating_limit, self.config.operating_window)
             self.tokens = TokenStore()
+            from sandbox.appmode import AppState  # here: appmode's methods import this module
+
+            self.app = AppState()
 
     # -- documents -------------------------------------------------------------------------
 
