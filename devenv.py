@@ -299,6 +299,10 @@ def run() -> int:
             print(f"sandbox portal: {sandbox.url}/  (webhook {sandbox.extra['webhook']})")
         env.setdefault("HOST", "127.0.0.1")
         web = f"http://{env['HOST']}:{env.get('PORT', WEB_PORT)}"
+        if env.get("SANDBOX_MODE") == "1" and not env.get("B24_APP_CLIENT_ID"):
+            # The sandbox's own app, so that it can be installed there (each portal its own OAuth server).
+            env.update({"B24_APP_CLIENT_ID": "sandbox-client", "B24_APP_CLIENT_SECRET": "sandbox-secret",
+                        "B24_APP_OAUTH_SERVER": "portal", "PUBLIC_URL": web})
         if env.get("SANDBOX_MODE") == "1":
             print("\nTry it (API key 'sandbox' works from loopback in this mode):\n"
                   f"  curl -s -X POST {web}/v1/cancel -H 'Authorization: Bearer sandbox' \\\n"
@@ -307,6 +311,14 @@ def run() -> int:
                   "\"external_id\": \"RMA-1\"}'\n"
                   f"  then open http://127.0.0.1:{SANDBOX_PORT}/ to see the document "
                   "and the chat.\n")
+            sandbox_url = f"http://127.0.0.1:{SANDBOX_PORT}"
+            print("As a Bitrix24 app: install it, run its robot in a workflow, read what the workflow got back:\n"
+                  f"  curl -s -X POST {sandbox_url}/_sandbox/app/install -H 'Content-Type: application/json' \\\n"
+                  f"       -d '{{\"url\": \"{web}/v1/bitrix24/app/install\"}}'\n"
+                  f"  curl -s -X POST {sandbox_url}/_sandbox/robots/run -H 'Content-Type: application/json' \\\n"
+                  "       -d '{\"code\": \"b24_cancel_documents\", \"document_id\": [\"crm\", \"CCrmDocumentDeal\", "
+                  "\"DEAL_5\"], \"properties\": {\"document_ids\": [4, 5], \"reason\": \"Deal 5 lost\"}}'\n"
+                  f"  curl -s {sandbox_url}/_sandbox/workflows    # \"returned\": {{\"outcome\": \"cancelled\", ...}}\n")
         honcho = [str(Path(sys.executable).with_name("honcho")), "start", "-f", str(ROOT / "Procfile"),
                   "-p", str(env.get("PORT", WEB_PORT))]
         procfile = subprocess.Popen(honcho, env=env, cwd=ROOT, start_new_session=True)
