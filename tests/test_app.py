@@ -77,8 +77,11 @@ class Stack:
         return self.http.get(f"/v1/requests/{request_id}").json()  # type: ignore[no-any-return]
 
     def finished(self, request_id: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_for(lambda: (s := self.request(request_id))["state"] in ("done", "failed") and s,
-                        timeout=timeout, interval=0.25, what=f"request {request_id} to finish")
+        def ended() -> dict[str, Any]:
+            state = self.request(request_id)
+            return state if state["state"] in ("done", "failed") else {}
+
+        return wait_for(ended, timeout=timeout, interval=0.25, what=f"request {request_id} to finish")
 
 
 @pytest.fixture
@@ -141,6 +144,10 @@ def reports(portal: SandboxView, request_id: str) -> list[dict[str, Any]]:
     return [m for m in portal.messages() if f"#{request_id}" in (m.get("message") or "")]
 
 
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def queued(conn: redis.Redis) -> int:
     return int(conn.llen("rq:queue:cancel")) + int(conn.llen("rq:queue:notify"))
 
@@ -161,16 +168,16 @@ def test_install_verifies_stores_binds_and_adds_the_robot_once(
     [robot] = state["robots"]
     assert robot["code"] == ROBOT_CODE and robot["USE_SUBSCRIPTION"] == "Y"
     assert set(robot["RETURN_PROPERTIES"]) == {"outcome", "cancelled_count", "failed_count", "details", "request_id"}
-    stored = {k.decode(): v.decode() for k, v in redis_conn.hgetall(portal_key(member_id)).items()}
+    stored = {text(k): text(v) for k, v in redis_conn.hgetall(portal_key(member_id)).items()}
     assert stored["domain"] == sandbox.url.removeprefix("http://")
     assert stored["application_token"] == state["application_token"]
     chat = wait_for(lambda: redis_conn.hget(portal_key(member_id), "chat"), timeout=20, what="the report chat")
-    assert any(c["id"] == chat.decode() for c in portal.http.get("/_sandbox/chats").json())
+    assert any(c["id"] == text(chat) for c in portal.http.get("/_sandbox/chats").json())
     listed = service.http.get("/v1/portals").json()["portals"]
     assert [p["name"] for p in listed] == [f"app-{member_id}"]
     assert listed[0]["auth"] == "installed app"
-    text = service.http.get("/v1/portals").text
-    assert state["application_token"] not in text
+    page = service.http.get("/v1/portals").text
+    assert state["application_token"] not in page
 
     # the queue delivers the same callback again: one portal, nothing bound or added twice
     binds = len(portal.calls("event.bind"))
@@ -184,7 +191,7 @@ def test_install_verifies_stores_binds_and_adds_the_robot_once(
     assert install(portal, service)["status"] == 200
     state = set_up(portal)
     assert len(state["bindings"]) == 2 and state["installs"] == 2
-    assert redis_conn.hget(portal_key(member_id), "application_token").decode() == state["application_token"]
+    assert text(redis_conn.hget(portal_key(member_id), "application_token")) == state["application_token"]
     assert [p["name"] for p in service.http.get("/v1/portals").json()["portals"]] == [f"app-{member_id}"]
 
 
