@@ -474,3 +474,79 @@ def test_three_portals_installed_at_once_refresh_their_own_tokens_single_flight(
         assert stats["oauth_refresh_errors"] == 0
         for doc in (20, 21, 22, 23):
             assert portal.document(doc)["status"] != "Y"
+
+
+# ---- the sandbox's app methods, as documented ----------------------------------------------------------------
+
+def test_sandbox_app_methods_refuse_webhooks_and_validate_robots(sandbox: devenv.Process) -> None:
+    portal = SandboxView(sandbox.url)
+    hook = sandbox.extra["webhook"]
+    portal.permissions(scopes=["catalog", "im", "bizproc"])  # a webhook with the scope: still no app context
+    for name in ("event.bind", "event.get", "bizproc.robot.add", "bizproc.event.send", "app.info"):
+        answer = httpx.post(f"{hook}{name}", json={"event": "ONCRMDEALUPDATE", "handler": "http://127.0.0.1/x"})
+        assert answer.json()["error"] == "ACCESS_DENIED", name
+        assert "Application context required" in answer.json()["error_description"]
+    # an app context: a pair issued for the sandbox app, installed to a URL nobody listens on
+    portal.http.post("/_sandbox/app/install", json={"url": f"http://127.0.0.1:{devenv.free_port()}/install"})
+    token = portal.http.post("/_sandbox/oauth/tokens", json={}).json()["access_token"]
+
+    def call(name: str, **params: Any) -> dict[str, Any]:
+        return httpx.post(f"{sandbox.url}/rest/{name}", json={"auth": token, **params}, timeout=5).json()  # type: ignore[no-any-return]
+
+    assert call("event.bind", event="ONNOSUCHEVENT", handler="http://127.0.0.1/h")["error"] == "ERROR_EVENT_NOT_FOUND"
+    assert call("event.bind", event="ONCRMDEALUPDATE", handler="http://127.0.0.1/h")["result"] is True
+    assert call("event.bind", event="ONCRMDEALUPDATE", handler="http://127.0.0.1/h")["error"] == \
+        "ERROR_HANDLER_ALREADY_EXIST"
+    assert call("event.get")["result"] == [{"event": "ONCRMDEALUPDATE", "handler": "http://127.0.0.1/h",
+                                            "auth_type": 0, "offline": 0}]
+    assert call("event.unbind", event="ONCRMDEALUPDATE", handler="http://127.0.0.1/h")["result"] == {"count": 1}
+    good = {"CODE": "r1", "HANDLER": "http://127.0.0.1/robot", "NAME": {"en": "R"}, "USE_SUBSCRIPTION": "Y"}
+    for fields, description in (({**good, "CODE": ""}, "Empty activity code!"),
+                                ({**good, "CODE": "bad code"}, "Wrong activity code!"),
+                                ({**good, "NAME": ""}, "Empty activity NAME!"),
+                                ({**good, "PROPERTIES": {}}, "Wrong property key (0)!"),
+                                ({**good, "PROPERTIES": {"p": {"Type": "int"}}}, "Empty property NAME (p)!")):
+        answer = call("bizproc.robot.add", **fields)
+        assert (answer["error"], answer["error_description"]) == ("ERROR_ACTIVITY_VALIDATION_FAILURE", description)
+    assert call("bizproc.robot.add", **{**good, "HANDLER": "ftp://x/"})["error"] == "ERROR_UNSUPPORTED_PROTOCOL"
+    assert call("bizproc.robot.add", **good)["result"] is True
+    assert call("bizproc.robot.add", **good)["error"] == "ERROR_ACTIVITY_ALREADY_INSTALLED"
+    assert call("bizproc.robot.list")["result"] == ["r1"]
+    assert call("bizproc.event.send", EVENT_TOKEN="unknown", RETURN_VALUES={})["error"] == "ACCESS_DENIED"
+    run = portal.http.post("/_sandbox/robots/run", json={"code": "r1", "properties": {"x": [1, 2]}}).json()
+    assert call("bizproc.event.send", EVENT_TOKEN=run["event_token"], RETURN_VALUES={"a": 1})["result"] is True
+    assert call("bizproc.event.send", EVENT_TOKEN=run["event_token"], RETURN_VALUES={"a": 2})["error"] == \
+        "ACCESS_DENIED"
+    [flow] = portal.http.get("/_sandbox/workflows").json()
+    assert flow["returned"] == {"a": 1} and flow["properties"] == {"x": [1, 2]}
+    assert "waiting" not in httpx.get(f"{sandbox.url}/").text and '{&quot;a&quot;: 1}' in httpx.get(sandbox.url).text
+    assert call("bizproc.robot.delete", CODE="r1")["result"] is True
+    assert call("bizproc.robot.delete", CODE="r1")["error"] == "ERROR_ACTIVITY_NOT_FOUND"
+
+
+# ---- settings (pure logic) -----------------------------------------------------------------------------------
+
+def test_the_service_starts_with_only_the_app_and_refuses_an_incomplete_one(tmp_path: Path) -> None:
+    from settings import SettingsError, load_settings
+
+    base = {"_env_file": None, "redis_url": "redis://127.0.0.1:1/0"}
+    settings = load_settings(**base, b24_app_client_id="local.1", b24_app_client_secret="s",
+                             public_url="https://cancel.example.com/")
+    assert settings.portals == {} and settings.app is not None
+    assert settings.app.url("/v1/bitrix24/app/robot") == "https://cancel.example.com/v1/bitrix24/app/robot"
+    with pytest.raises(SettingsError, match="PUBLIC_URL: required"):
+        load_settings(**base, b24_app_client_id="local.1", b24_app_client_secret="s")
+    with pytest.raises(SettingsError, match="PUBLIC_URL: must use https"):
+        load_settings(**base, b24_app_client_id="local.1", b24_app_client_secret="s",
+                      public_url="http://cancel.example.com")
+    path = tmp_path / "portals.toml"
+    path.write_text(RULES.replace('[app]\nlanguage = "en"', '[app]\nlanguage = "ru"\nclient_id = "local.2"\n'
+                                  'client_secret = "t"\npublic_url = "https://x.example.com"\nchat = "chat7"'))
+    from_file = load_settings(**base, b24_portals_file=str(path))
+    assert from_file.app is not None and from_file.app.client_id == "local.2" and from_file.app.chat == "chat7"
+    assert from_file.app.language == "ru" and [r["event"] for r in from_file.app.rules] == ["ONCRMDEALUPDATE"]
+    overridden = load_settings(**base, b24_portals_file=str(path), b24_app_client_id="local.3")
+    assert overridden.app is not None and overridden.app.client_id == "local.3"
+    path.write_text('[app]\nclient_id = "a"\nclient_secret = "b"\npublic_url = "https://x.example.com"\nwho = 1\n')
+    with pytest.raises(SettingsError, match="app.who: unknown key"):
+        load_settings(**base, b24_portals_file=str(path))
