@@ -506,8 +506,8 @@ def test_sandbox_app_methods_refuse_webhooks_and_validate_robots(sandbox: devenv
                                 ({**good, "NAME": ""}, "Empty activity NAME!"),
                                 ({**good, "PROPERTIES": {}}, "Wrong property key (0)!"),
                                 ({**good, "PROPERTIES": {"p": {"Type": "int"}}}, "Empty property NAME (p)!")):
-        answer = call("bizproc.robot.add", **fields)
-        assert (answer["error"], answer["error_description"]) == ("ERROR_ACTIVITY_VALIDATION_FAILURE", description)
+        refused = call("bizproc.robot.add", **fields)
+        assert (refused["error"], refused["error_description"]) == ("ERROR_ACTIVITY_VALIDATION_FAILURE", description)
     assert call("bizproc.robot.add", **{**good, "HANDLER": "ftp://x/"})["error"] == "ERROR_UNSUPPORTED_PROTOCOL"
     assert call("bizproc.robot.add", **good)["result"] is True
     assert call("bizproc.robot.add", **good)["error"] == "ERROR_ACTIVITY_ALREADY_INSTALLED"
