@@ -67,7 +67,8 @@ def portal_from_hash(app: AppSettings, fields: dict[str, str]) -> Portal:
     language = fields.get("language") if fields.get("language") in ("en", "ru") else app.language
     return Portal(name=installed_name(member_id), webhook_url=None, chat=fields.get("chat") or app.chat or "",
                   application_token=fields.get("application_token"), language=language,  # type: ignore[arg-type]
-                  member_id=member_id, domain=fields.get("domain"), rules=app.rules, oauth=oauth, installed=True)
+                  member_id=member_id, domain=fields.get("domain"), rules=app.rules, oauth=oauth, installed=True,
+                  setup=fields.get("setup", ""))
 
 
 class Registry:

@@ -186,8 +186,9 @@ class Portal:
     oauth: OAuthApp | None = field(default=None, repr=False)
     # Chats (besides `chat`) that a request for this portal may name in `chat`.
     chats: frozenset[str] = frozenset()
-    # Installed through the app (stored in Redis by member_id), not configured.
+    # Installed through the app (stored in Redis by member_id), not configured; how its setup went.
     installed: bool = False
+    setup: str = ""
 
     @property
     def base_url(self) -> str:
@@ -215,8 +216,11 @@ class Portal:
     def public(self) -> dict[str, Any]:
         """What may be shown about the portal: never a secret."""
         auth = "installed app" if self.installed else "oauth app" if self.oauth else "incoming webhook"
-        return {"name": self.name, "url": self.masked_url, "chat": self.chat, "plan": self.plan,
-                "language": self.language, "auth": auth}
+        shown = {"name": self.name, "url": self.masked_url, "chat": self.chat, "plan": self.plan,
+                 "language": self.language, "auth": auth}
+        if self.installed:
+            shown["setup"] = self.setup or "pending"
+        return shown
 
 
 @dataclass(frozen=True)

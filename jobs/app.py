@@ -235,14 +235,20 @@ def setup_portal(member_id: str) -> dict[str, Any]:
     bound = []
     handlers = {rule["event"]: app.url("/v1/bitrix24/events") for rule in app.rules}
     handlers["ONAPPUNINSTALL"] = app.url("/v1/bitrix24/app/install")
-    for event, handler in handlers.items():
-        _already_fine(client, "event.bind", {"event": event, "handler": handler})
-        bound.append(event)
-    _already_fine(client, "bizproc.robot.add", robot_fields(app))
-    chat = portal.chat
-    if not chat:
-        chat = report_chat(client, portal)
-        save_fields(conn, member_id, chat=chat)
+    try:
+        for event, handler in handlers.items():
+            _already_fine(client, "event.bind", {"event": event, "handler": handler})
+            bound.append(event)
+        _already_fine(client, "bizproc.robot.add", robot_fields(app))
+        chat = portal.chat
+        if not chat:
+            chat = report_chat(client, portal)
+            save_fields(conn, member_id, chat=chat)
+    except Bitrix24Error as err:
+        # Shown in /v1/portals; RQ retries the job (a transient error), then keeps it for `rq requeue`.
+        save_fields(conn, member_id, setup=f"failed: {err.code}: {err.description} {err.advice}".strip())
+        log.warning("app portal setup failed", extra={"portal": portal.name, "error": err.code})
+        raise
     save_fields(conn, member_id, setup="done")
     log.info("app portal set up", extra={"portal": portal.name, "events": bound, "chat": chat})
     return {"events": bound, "robot": ROBOT_CODE, "chat": chat}

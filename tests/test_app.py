@@ -173,7 +173,8 @@ def test_install_verifies_stores_binds_and_adds_the_robot_once(
     assert stored["application_token"] == state["application_token"]
     chat = wait_for(lambda: redis_conn.hget(portal_key(member_id), "chat"), timeout=20, what="the report chat")
     assert any(c["id"] == text(chat) for c in portal.http.get("/_sandbox/chats").json())
-    listed = service.http.get("/v1/portals").json()["portals"]
+    listed = wait_for(lambda: (p := service.http.get("/v1/portals").json()["portals"]) and p[0]["setup"] == "done"
+                      and p, timeout=20, what="the setup to be done")
     assert [p["name"] for p in listed] == [f"app-{member_id}"]
     assert listed[0]["auth"] == "installed app"
     page = service.http.get("/v1/portals").text
