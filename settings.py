@@ -281,6 +281,8 @@ class Settings(BaseSettings):
     # that got no answer may still take effect until then: the ambiguity rule waits this long (plus a
     # margin) from when it was sent before anything that depends on its effect happens.
     b24_execution_limit: float = Field(default=60.0, gt=0)
+    # Seconds between two scheduled pulls of an installed portal's offline event queue.
+    b24_offline_poll: int = Field(default=60, ge=1)
 
     trigger_api_keys: str = ""
     trigger_secrets: str = ""
@@ -516,6 +518,9 @@ class RuleConfig(BaseModel):
     documents_field: str | None = None
     documents_by: dict[str, str] | None = None
     reason: str = "{event} {id}"
+    # How an installed portal delivers the event: "online" (a call per change) or "offline" (the portal
+    # queues it; jobs.offline pulls, reserves and confirms the queue). Configured portals deliver online.
+    delivery: Literal["online", "offline"] = "online"
 
     @field_validator("event")
     @classmethod

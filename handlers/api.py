@@ -20,7 +20,7 @@ from handlers.intake import (
     services,
     submit,
 )
-from jobs import records
+from jobs import offline, records
 
 bp = Blueprint("api", __name__)
 
@@ -76,6 +76,8 @@ def portals() -> Reply:
         entry["rules"] = len(portal.rules)
         try:
             entry["held_back"] = held_back(svc, portal.name)
+            if portal.installed and portal.member_id and offline.offline_events(portal.rules):
+                entry["offline"] = offline.view(svc.redis, portal.member_id)
         except redis.RedisError:
             entry["held_back"] = None
         listed.append(entry)

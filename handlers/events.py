@@ -19,6 +19,7 @@ from handlers.app import installed_stub, verify_installed
 from handlers.intake import IntakeError, Reply, constant_time_in, keep_app_tokens, services, submit
 from handlers.metrics import count_event
 from jobs.enqueue import Guard
+from jobs.offline import NOTICE_EVENT, offline_events, request_pull
 from registry import MEMBER_ID, portal_key
 
 bp = Blueprint("events", __name__)
@@ -46,6 +47,8 @@ def event() -> Reply:
         from handlers.app import uninstall
 
         return uninstall(svc, form)
+    if form.get("event", "").strip().upper() == NOTICE_EVENT:
+        return offline_notice(svc, form)
     portal = svc.settings.portal_for_event(member_id, domain)
     guard = None
     if portal is None and svc.settings.app is not None and member_id and MEMBER_ID.fullmatch(member_id):
@@ -88,3 +91,24 @@ def event() -> Reply:
     body, status = submit(svc, request_, f"{name}|{object_id}|{ts}", first_job="resolve", guard=guard)
     count_event(portal.name, name, "accepted" if status == 202 else "repeat")
     return body, 200  # Bitrix24's queue expects 200
+
+
+def offline_notice(svc: Any, form: Any) -> Reply:
+    """ONOFFLINEEVENT: an installed portal's offline queue has new records; a pull job drains it."""
+    import redis
+
+    if svc.settings.app is None:
+        raise IntakeError(401, UNAUTHORIZED)
+    portal = verify_installed(svc, form.get("auth[member_id]", ""), form)
+    if portal.oauth is not None and "auth[access_token]" in form:
+        keep_app_tokens(svc.redis, portal, form)
+    if not offline_events(portal.rules):
+        count_event(portal.name, "other", "no_rule")
+        return {"status": "ignored", "message": f"no offline rule on portal {portal.name}"}, 200
+    try:
+        started = request_pull(svc.redis, portal.member_id or "")
+    except redis.RedisError:
+        raise IntakeError(503, "the service cannot queue the pull right now; the next scheduled pull takes "
+                               "the records") from None
+    count_event(portal.name, NOTICE_EVENT, "accepted" if started else "repeat")
+    return {"status": "pull requested" if started else "pull already waiting"}, 200

@@ -15,7 +15,7 @@ from handlers.intake import (
     require_admin,
     services,
 )
-from jobs import policy
+from jobs import offline, policy
 
 bp = Blueprint("health", __name__)
 
@@ -38,18 +38,22 @@ def readyz() -> Reply:
 
 @bp.get("/v1/health")
 def health() -> Reply:
-    """The details behind readiness, for admin callers: workers, queue depth and portals held back."""
+    """The details behind readiness, for admin callers: workers, queue depth, portals held back, and each
+    installed portal's offline event queue (last pull, records pulled and confirmed)."""
     svc = services()
     require_admin(authenticate_trigger(request, svc))
     try:
         workers = Worker.count(connection=svc.redis)
         depth = {name: svc.redis.llen(f"rq:queue:{name}") for name in (policy.CANCEL_QUEUE, policy.NOTIFY_QUEUE)}
-        holds = {name: hold for name in svc.all_portals()
+        every = svc.all_portals()
+        holds = {name: hold for name in every
                  if (hold := held_back(svc, name))["paused_methods"] or hold["slowed_until"]}
+        queues = {name: offline.view(svc.redis, portal.member_id) for name, portal in every.items()
+                  if portal.installed and portal.member_id and offline.offline_events(portal.rules)}
     except redis.RedisError:
         raise IntakeError(503, "Redis is unreachable") from None
     return {"status": "ready", "redis": "ok", "workers": workers, "queue_depth": depth,
-            "portals_held_back": holds}, 200
+            "portals_held_back": holds, "offline_queues": queues}, 200
 
 
 @bp.get("/metrics")

@@ -5,7 +5,8 @@
   own client_id and client_secret, must accept the received refresh token and name the same member_id and
   client_endpoint. The OAuth server is the configured one, never a URL from the callback, so a forged callback
   can neither plant a portal nor learn the client secret.
-- `setup_portal` (a job): `event.bind` for the rules' events and ONAPPUNINSTALL, `bizproc.robot.add`, and the
+- `setup_portal` (a job): `event.bind` for the rules' events (offline ones with `event_type=offline`, plus
+  ONOFFLINEEVENT as the wake-up notice) and ONAPPUNINSTALL, `bizproc.robot.add`, and the
   report chat when none is configured (`im.chat.get` by the app's entity first, so a retry never makes two).
 - `return_to_workflow` (in the report job): `bizproc.event.send` with the robot's return values, exactly once:
   a durable note before the call; after a call that got no answer, nothing until it can no longer be running,
@@ -35,6 +36,8 @@ from jobs import policy, records
 from jobs.context import job_connection, worker_context
 from jobs.durability import durable
 from jobs.lifecycle import defer, retry_later
+from jobs.offline import NOTICE_EVENT, NOTICE_MIN_TIMEOUT, offline_events, request_pull, state_key
+from jobs.offline import keys_of as offline_keys
 from registry import MEMBER_ID, installed_name, portal_key, save_fields
 from settings import AppSettings, Portal, Settings, check_endpoint_url, is_loopback
 
@@ -213,7 +216,8 @@ def forget_install(conn: redis.Redis, member_id: str) -> None:
     from registry import uninstall
 
     name = installed_name(member_id)
-    uninstall(conn, member_id, token_key(name), [f"{token_key(name)}:lock", SERVICE_USER_KEY + name])
+    uninstall(conn, member_id, token_key(name), [f"{token_key(name)}:lock", SERVICE_USER_KEY + name,
+                                                 *offline_keys(member_id)])
 
 
 def robot_fields(app: AppSettings) -> dict[str, Any]:
@@ -233,12 +237,16 @@ def setup_portal(member_id: str) -> dict[str, Any]:
         return {"skipped": "not installed"}
     client = ctx.client(portal, conn)
     bound = []
-    handlers = {rule["event"]: app.url("/v1/bitrix24/events") for rule in app.rules}
+    offline = offline_events(app.rules)
+    handlers = {rule["event"]: app.url("/v1/bitrix24/events") for rule in app.rules if rule["event"] not in offline}
     handlers["ONAPPUNINSTALL"] = app.url("/v1/bitrix24/app/install")
     try:
         for event, handler in handlers.items():
             _already_fine(client, "event.bind", {"event": event, "handler": handler})
             bound.append(event)
+        if offline:
+            bind_offline(conn, client, app, member_id, offline)
+            bound += sorted(offline) + [NOTICE_EVENT]
         _already_fine(client, "bizproc.robot.add", robot_fields(app))
         chat = portal.chat
         if not chat:
@@ -252,6 +260,20 @@ def setup_portal(member_id: str) -> dict[str, Any]:
     save_fields(conn, member_id, setup="done")
     log.info("app portal set up", extra={"portal": portal.name, "events": bound, "chat": chat})
     return {"events": bound, "robot": ROBOT_CODE, "chat": chat}
+
+
+def bind_offline(conn: redis.Redis, client: Bitrix24Client, app: AppSettings, member_id: str,
+                 events: set[str]) -> None:
+    """Bind the offline rules' events offline and ONOFFLINEEVENT (the wake-up notice) to the events URL, note
+    whether the plan reserves and confirms (`feature.get rest_offline_extended`), and start the pulls."""
+    for event in sorted(events):
+        _already_fine(client, "event.bind", {"event": event, "event_type": "offline"})
+    _already_fine(client, "event.bind", {"event": NOTICE_EVENT, "handler": app.url("/v1/bitrix24/events"),
+                                         "options": {"minTimeout": NOTICE_MIN_TIMEOUT}})
+    feature = client.call("feature.get", {"CODE": "rest_offline_extended"}).result
+    extended = isinstance(feature, dict) and str(feature.get("value", "")).upper() == "Y"
+    conn.hset(state_key(member_id), "mode", "reserve" if extended else "clear")
+    request_pull(conn, member_id)
 
 
 def _already_fine(client: Bitrix24Client, method: str, params: dict[str, Any]) -> None:

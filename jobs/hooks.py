@@ -36,7 +36,7 @@ log = logging.getLogger("b24cancel.jobs")
 REQUEST_JOBS = {"jobs.cancel.cancel_documents": "cancel", "jobs.resolve.resolve_event": "resolve",
                 "jobs.notify.post_report": "report"}
 LEASES = {"jobs.cancel.cancel_documents": "cancel", "jobs.resolve.resolve_event": "resolve",
-          "jobs.notify.post_report": "notify"}
+          "jobs.notify.post_report": "notify", "jobs.offline.pull_offline": "offline"}
 
 
 def on_job_failure(job: Job, connection: Any, exc_type: type[BaseException] | None,

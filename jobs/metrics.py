@@ -18,6 +18,8 @@ COUNTERS = {
     "document_outcomes": ("Document outcomes by portal", ("portal", "outcome")),
     "limiter_wait_seconds": ("Seconds jobs slept waiting for a portal's rate limit", ("portal",)),
     "limiter_deferrals": ("Jobs rescheduled to wait for a portal's limits", ("portal", "limit")),
+    "offline_records": ("Offline event records pulled, by portal and outcome: request, repeat, malformed, no_rule",
+                        ("portal", "outcome")),
 }
 SEPARATOR = "\t"
 

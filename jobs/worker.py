@@ -11,7 +11,8 @@ Besides reporting killed work-horses, CancelWorker keeps jobs alive through cras
 - Redis errors in heartbeats, maintenance and state writes are waited out (jobs.outage) instead of ending
   the worker and abandoning its job;
 - CancelJob writes a retried job's status in the same transaction as its scheduled-registry entry, and each
-  pass runs jobs.sweeper, which puts back any job whose status and registries disagree.
+  pass runs jobs.sweeper, which puts back any job whose status and registries disagree;
+- each pass also starts the scheduled offline-queue pull of any installed portal that has none (jobs.offline).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from rq.worker import HerokuWorker, WorkerStatus
 from jobs import policy
 from jobs.context import worker_context
 from jobs.hooks import drop_lease, end_request, report_lost_job
+from jobs.offline import keep_polling
 from jobs.outage import REDIS_OUTAGE_ERRORS, ride_out
 from jobs.scheduler import LiveScheduler
 from jobs.sweeper import sweep_stranded_jobs
@@ -173,6 +175,8 @@ class CancelWorker(HerokuWorker):
                 put_back = sweep_stranded_jobs(self.connection, [queue.name for queue in held])
                 if put_back:
                     self.log.warning("Worker %s: stranded jobs put back: %s", self.name, put_back)
+            if held:
+                self._keep_offline_polls()
             for queue in held:
                 self.log.info("Worker %s: cleaning registries for queue: %s", self.name, queue.name)
                 clean_registries(queue, self._exc_handlers)
@@ -182,6 +186,19 @@ class CancelWorker(HerokuWorker):
             for queue in held:
                 self._unlock_maintenance(queue)
         self.last_cleaned_at = now()  # type: ignore[assignment]  # RQ declares it None until the first pass
+
+    def _keep_offline_polls(self) -> None:
+        # Every installed portal with offline rules has a scheduled pull (jobs.offline): started here on the first
+        # pass after a start, and again if a scheduled pull was lost.
+        try:
+            started = keep_polling(self.connection, worker_context().settings)
+        except REDIS_OUTAGE_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - maintenance goes on; the next pass tries again
+            self.log.warning("Worker %s: offline pulls not checked (%s)", self.name, exc)
+            return
+        if started:
+            self.log.info("Worker %s: scheduled pulls started for %d portals", self.name, started)
 
     def _sweep_due(self) -> bool:
         # The sweep scans every job hash: one sweep per maintenance interval across all workers, not one per

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 from werkzeug.wrappers import Response
 
-from sandbox import appmode, control, oauth, page, rest  # noqa: F401 - appmode registers its REST methods
+from sandbox import appmode, control, oauth, offline, page, rest  # noqa: F401 - appmode, offline register REST methods
 from sandbox.config import Config
 from sandbox.jsonutil import json_response
 from sandbox.state import Portal

@@ -30,7 +30,7 @@ BINDABLE_EVENTS = frozenset({
     "ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMDEALDELETE", "ONCRMDEALMOVETOCATEGORY", "ONCRMDYNAMICITEMADD",
     "ONCRMDYNAMICITEMUPDATE", "ONCRMDYNAMICITEMDELETE", "ONCRMLEADUPDATE", "ONCRMCONTACTUPDATE",
     "ONCRMCOMPANYUPDATE", "ONSHIPMENTENTITYSAVED", "ONSHIPMENTDELETED", "ONSALEORDERSAVED",
-    "ONAPPUNINSTALL", "ONAPPUPDATE", "ONAPPTEST",
+    "ONAPPUNINSTALL", "ONAPPUPDATE", "ONAPPTEST", "ONOFFLINEEVENT",
 })
 ROBOT_CODE = re.compile(r"^[a-zA-Z0-9._-]+$")
 PROPERTY_TYPES = frozenset({"bool", "date", "datetime", "double", "file", "int", "select", "string", "text", "user"})
@@ -75,6 +75,12 @@ class AppState:
     tokens: dict[str, bool] = field(default_factory=dict)
     # (ENTITY_TYPE, ENTITY_ID) -> dialog id of chats created with them
     chat_entities: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The offline queue (sandbox/offline.py): records, the last record id, ONOFFLINEEVENT notices sent.
+    offline: list[dict[str, Any]] = field(default_factory=list)
+    offline_next_id: int = 0
+    notices: list[dict[str, Any]] = field(default_factory=list)
+    last_notice: float = 0.0
+    notice_pending: bool = False
 
     def public(self) -> dict[str, Any]:
         """What `GET /_sandbox/app` shows (no token but the application token, which the control API gives)."""
@@ -112,22 +118,38 @@ def app_info(ctx: CallContext, params: dict[str, Any]) -> dict[str, Any]:
 
 @method("event.bind", None)
 def event_bind(ctx: CallContext, params: dict[str, Any]) -> bool:
-    """Bind an online handler (offline binding is not emulated: it needs `event.offline.*`)."""
+    """Bind an online handler, or an offline one (no handler: changes go to the app's offline queue)."""
     app = _require_app(ctx)
     p = _upper(params)
     event = str(p.get("EVENT") or "").strip().upper()
     handler = str(p.get("HANDLER") or "").strip()
-    if str(p.get("EVENT_TYPE") or "online").lower() == "offline":
-        raise RestError("ERROR_EVENT_NOT_FOUND", "Offline events are not emulated by the sandbox", status=400)
+    offline = str(p.get("EVENT_TYPE") or "online").lower() == "offline"
     if event not in BINDABLE_EVENTS:
         raise RestError("ERROR_EVENT_NOT_FOUND", "Event not found", status=400)
+    if offline:
+        if not ctx.portal.permissions.app_admin:
+            raise RestError("ACCESS_DENIED", "Access denied! Offline events binding requires administrator "
+                            "access rights", status=403)
+        if any(b["event"] == event and b["offline"] for b in app.bindings):
+            raise RestError("ERROR_HANDLER_ALREADY_EXIST", "Handler already exists!", status=400)
+        app.bindings.append({"event": event, "handler": "", "auth_type": int(p.get("AUTH_TYPE") or 0),
+                             "offline": 1})
+        return True
     parts = urlsplit(handler)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RestError("ERROR_HANDLER_URL_MISMATCH", "Wrong handler URL", status=400)
     if any(b["event"] == event and b["handler"] == handler for b in app.bindings):
         raise RestError("ERROR_HANDLER_ALREADY_EXIST", "Handler already exists!", status=400)
-    app.bindings.append({"event": event, "handler": handler, "auth_type": int(p.get("AUTH_TYPE") or 0),
-                         "offline": 0})
+    binding: dict[str, Any] = {"event": event, "handler": handler, "auth_type": int(p.get("AUTH_TYPE") or 0),
+                               "offline": 0}
+    options = p.get("OPTIONS")
+    if event == "ONOFFLINEEVENT":
+        wanted = _upper(options).get("MINTIMEOUT") if isinstance(options, dict) else None
+        try:
+            binding["min_timeout"] = max(0, int(str(wanted))) if wanted not in (None, "") else 1
+        except ValueError:
+            binding["min_timeout"] = 1
+    app.bindings.append(binding)
     return True
 
 
@@ -320,6 +342,7 @@ def uninstall(portal: Portal) -> dict[str, Any]:
         app.installed = False
         app.bindings.clear()
         app.robots.clear()
+        app.offline.clear()
         portal.tokens.access.clear()
         portal.tokens.refresh.clear()
     deliveries = []
@@ -382,12 +405,16 @@ def _document_type(document_id: list[str]) -> list[str]:
 
 
 def fire(portal: Portal, event: str, object_id: int) -> list[dict[str, Any]]:
-    """Deliver an event to each online handler the app bound for it (as a portal does after a change)."""
+    """Deliver an event to each online handler the app bound for it, and queue it for an offline binding (as a
+    portal does after a change)."""
+    from sandbox.offline import queue
+
     with portal.lock:
         app = portal.app
         if not app.installed:
             return []
-        targets = [b["handler"] for b in app.bindings if b["event"] == event]
+        queue(portal, event, object_id, time.time())
+        targets = [b["handler"] for b in app.bindings if b["event"] == event and not b["offline"]]
         if not targets:
             return []
         form = [("event", event), ("event_handler_id", "1"), ("data[FIELDS][ID]", str(object_id)),

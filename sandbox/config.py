@@ -92,6 +92,8 @@ class Config:
     application_token: str = DEFAULT_APPLICATION_TOKEN
     member_id: str = DEFAULT_MEMBER_ID
     scopes: list[str] = field(default_factory=lambda: list(DEFAULT_SCOPES))
+    # The plan has rest_offline_extended: event.offline.get with clear=0 reserves (else it is refused).
+    offline_reserve: bool = True
 
     @property
     def domain(self) -> str:

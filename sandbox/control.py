@@ -291,7 +291,7 @@ def update_permissions() -> Response:
             if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
                 raise BadRequest("`deny_cancel_doc_types` must be a list of docType codes")
             perms.deny_cancel_doc_types = set(types)
-        for name in ("deny_warehouse", "inventory_enabled", "plan_has_inventory"):
+        for name in ("deny_warehouse", "inventory_enabled", "plan_has_inventory", "app_admin"):
             if name in data:
                 setattr(perms, name, _flag(data[name], name))
         if "hidden_document_ids" in data:
@@ -346,6 +346,8 @@ def update_config() -> Response:
             config.burst = int(_number(data, "burst", 1))
         if "latency" in data:
             config.latency = _number(data, "latency")
+        if "offline_reserve" in data:
+            config.offline_reserve = _flag(data["offline_reserve"], "offline_reserve")
         if "token_lifetime" in data:
             config.token_lifetime = int(_number(data, "token_lifetime"))
         if "durations" in data:
@@ -477,6 +479,16 @@ def app_state() -> Response:
     portal = _portal()
     with portal.lock:
         return json_response(portal.app.public())
+
+
+@bp.get("/offline")
+def offline_queue() -> Response:
+    """The app's offline queue: records (with PROCESS_ID and ERROR), reserved batches, notices sent."""
+    from sandbox.offline import view
+
+    portal = _portal()
+    with portal.lock:
+        return json_response(view(portal))
 
 
 @bp.post("/robots/run")

@@ -16,6 +16,7 @@ bp = Blueprint("page", __name__)
 # The page reloads itself this often so a person sees the service at work.
 REFRESH_SECONDS = 2
 # How many failed calls the page lists.
+OFFLINE_ROWS_SHOWN = 100
 FAILED_CALLS_SHOWN = 20
 
 STATUS_NAMES = {"Y": "conducted", "N": "draft", "C": "cancelled"}
@@ -89,6 +90,14 @@ def render(portal: Portal) -> str:
         f"</td></tr>" for w in reversed(app.workflows))
     app_line = (f"installed ({len(app.bindings)} handlers bound, robots: {html.escape(', '.join(app.robots) or 'none')})"
                 if app.installed else "not installed")
+    offline_rows = "".join(
+        f"<tr><td>{r['ID']}</td><td>{portal_date(r['TIMESTAMP_X'])}</td><td>{html.escape(r['EVENT_NAME'])}</td>"
+        f"<td>{html.escape(json.dumps(r['EVENT_DATA'], ensure_ascii=False))}</td>"
+        f"<td>{html.escape(r['MESSAGE_ID'])}</td><td>{html.escape(r['PROCESS_ID'] or 'waiting')}</td>"
+        f"<td>{'yes' if r['ERROR'] else ''}</td></tr>" for r in app.offline[:OFFLINE_ROWS_SHOWN])
+    offline_line = (f"{len(app.offline)} records, {len({r['PROCESS_ID'] for r in app.offline if r['PROCESS_ID']})} "
+                    f"reserved batches; reserve/confirm (rest_offline_extended) "
+                    f"{'on' if config.offline_reserve else 'off'}; {len(app.notices)} ONOFFLINEEVENT notices sent")
     failed = [c for c in portal.calls if c["http_status"] not in (200, None) or c["fault"]]
     failed = failed[-FAILED_CALLS_SHOWN:]
     call_rows = "".join(
@@ -121,6 +130,10 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size:
 <p>App: {app_line}</p>
 <table><tr><th>workflow</th><th>robot</th><th>document</th><th>properties</th><th>returned</th></tr>
 {flows or '<tr><td colspan="5"><i>no workflow has run a robot</i></td></tr>'}</table>
+<h2>Offline event queue</h2>
+<p>{offline_line}</p>
+<table><tr><th>ID</th><th>time</th><th>event</th><th>data</th><th>MESSAGE_ID</th><th>process_id</th><th>error</th></tr>
+{offline_rows or '<tr><td colspan="7"><i>empty</i></td></tr>'}</table>
 <h2>Latest failed calls</h2>
 <table><tr><th>seq</th><th>time</th><th>method</th><th>HTTP</th><th>error</th><th>fault</th></tr>
 {call_rows or '<tr><td colspan="6"><i>none</i></td></tr>'}</table>

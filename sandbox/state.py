@@ -151,6 +151,8 @@ class Permissions:
     plan_has_inventory: bool = True
     hidden_document_ids: set[int] = field(default_factory=set)
     scopes: list[str] = field(default_factory=list)
+    # The user behind the app's tokens is an administrator (offline events need one).
+    app_admin: bool = True
 
     def public(self) -> dict[str, Any]:
         """The permissions as JSON."""
@@ -161,6 +163,7 @@ class Permissions:
             "plan_has_inventory": self.plan_has_inventory,
             "hidden_document_ids": sorted(self.hidden_document_ids),
             "scopes": list(self.scopes),
+            "app_admin": self.app_admin,
         }
 
 
