@@ -491,6 +491,24 @@ def offline_queue() -> Response:
         return json_response(view(portal))
 
 
+@bp.post("/offline")
+def offline_add() -> Response:
+    """Queue a record as the portal would for an offline binding: `{"event", "data"}` (any JSON, so a test can
+    queue a record whose data is not what the event normally carries); the app must be installed."""
+    from sandbox.offline import queue_raw
+
+    data = _body()
+    event = data.get("event")
+    if not isinstance(event, str) or not event:
+        raise BadRequest("`event` is required")
+    portal = _portal()
+    with portal.lock:
+        if not portal.app.installed:
+            raise BadRequest("the app is not installed")
+        record = queue_raw(portal, event.upper(), data.get("data"), time.time())
+        return json_response(record)
+
+
 @bp.post("/robots/run")
 def robots_run() -> Response:
     """Run a robot in a new workflow: `{"code", "document_id": [..3], "properties": {...}, "deliveries"?}`."""

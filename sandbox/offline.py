@@ -260,10 +260,15 @@ def offline_list(ctx: CallContext, params: dict[str, Any]) -> Page:
 
 def queue(portal: Portal, event: str, object_id: int, now: float) -> bool:
     """Queue a change for an offline binding of `event`; False when the app bound none."""
-    app = portal.app
-    if not any(b["event"] == event and b["offline"] for b in app.bindings):
+    if not any(b["event"] == event and b["offline"] for b in portal.app.bindings):
         return False
-    data = {"FIELDS": {"ID": object_id}}
+    queue_raw(portal, event, {"FIELDS": {"ID": object_id}}, now)
+    return True
+
+
+def queue_raw(portal: Portal, event: str, data: Any, now: float) -> dict[str, Any]:
+    """Queue `data` for `event`: the unreserved record of the same object takes the latest state, else a new one."""
+    app = portal.app
     mid = message_id(event, data)
     waiting = next((r for r in app.offline if r["MESSAGE_ID"] == mid and not r["PROCESS_ID"] and not r["ERROR"]),
                    None)
@@ -272,11 +277,12 @@ def queue(portal: Portal, event: str, object_id: int, now: float) -> bool:
         waiting["EVENT_DATA"] = data
     else:
         app.offline_next_id += 1
-        app.offline.append({"ID": app.offline_next_id, "TIMESTAMP_X": now, "EVENT_NAME": event, "EVENT_DATA": data,
-                            "EVENT_ADDITIONAL": {"user_id": 1}, "MESSAGE_ID": mid, "PROCESS_ID": "", "ERROR": 0,
-                            "RESERVED_AT": None})
-    notify(portal, event, "update" if waiting is not None else "add", now)
-    return True
+        waiting = {"ID": app.offline_next_id, "TIMESTAMP_X": now, "EVENT_NAME": event, "EVENT_DATA": data,
+                   "EVENT_ADDITIONAL": {"user_id": 1}, "MESSAGE_ID": mid, "PROCESS_ID": "", "ERROR": 0,
+                   "RESERVED_AT": None}
+        app.offline.append(waiting)
+    notify(portal, event, "update" if waiting["ID"] != app.offline_next_id else "add", now)
+    return _public(waiting, with_state=True)
 
 
 def notify(portal: Portal, event: str, kind: str, now: float) -> None:
