@@ -86,5 +86,7 @@ def event() -> Reply:
                                 "object_id": int(object_id), "ts": ts,
                                 "event_handler_id": form.get("event_handler_id")}
     body, status = submit(svc, request_, f"{name}|{object_id}|{ts}", first_job="resolve", guard=guard)
+    if guard is not None and portal.oauth is not None and "auth[access_token]" in form:
+        keep_app_tokens(svc.redis, portal, form)  # the submit proved the sender: its fresh tokens may be kept
     count_event(portal.name, name, "accepted" if status == 202 else "repeat")
     return body, 200  # Bitrix24's queue expects 200
