@@ -286,6 +286,22 @@ def test_partly_cancelled_and_a_workflow_that_gave_up_are_recorded_not_retried(
     assert len(reports(portal, request_id_of(gave_up))) == 1  # the chat still hears of it
 
 
+def test_a_robot_that_names_no_document_tells_its_workflow_it_failed(
+        sandbox: devenv.Process, stack: Callable[..., Stack]) -> None:
+    portal = SandboxView(sandbox.url)
+    service = stack()
+    install(portal, service)
+    set_up(portal)
+    run = run_robot(portal, {"reason": "no documents filled in"})
+    assert run["delivery"]["status"] == 200, run
+    state = service.finished(request_id_of(run))
+    assert state["state"] == "failed" and "named no documents" in state["error"]
+    returned = wait_for(lambda: workflow(portal, run["workflow_id"])["returned"], timeout=20, what="returned")
+    assert returned["outcome"] == "failed" and int(returned["cancelled_count"]) == 0
+    assert "named no documents" in returned["details"]
+    assert portal.calls("catalog.document.cancel") == [] and reports(portal, request_id_of(run)) == []
+
+
 def test_a_worker_killed_between_the_cancel_and_event_send_still_sends_once(
         sandbox: devenv.Process, stack: Callable[..., Stack], redis_conn: redis.Redis) -> None:
     portal = SandboxView(sandbox.url)
