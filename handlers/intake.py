@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from settings import (
     key_sha256,
     pick_portal,
 )
+from transport import BODY_KEY
 
 log = logging.getLogger("b24cancel.web")
 
@@ -129,19 +131,20 @@ def authenticate_trigger(req: Request, svc: Services, signed: bool = False) -> C
     A request that carries `webhook-signature` is judged as signed whatever else it carries, so an added
     `Authorization` header cannot turn a captured signed request into an unsigned one with a new key.
     """
-    if "webhook-signature" in req.headers:
+    environ = req.environ  # headers read from the WSGI environ: werkzeug's Headers wrapper costs more per lookup
+    if "HTTP_WEBHOOK_SIGNATURE" in environ:
         if not signed:
             raise IntakeError(401, "a signature authorizes only the POST /v1/cancel it was made for; send "
                                    "'Authorization: Bearer <api key>'")
         if not svc.verifiers:
             raise IntakeError(401, "signed requests are not configured (TRIGGER_SECRETS or a caller's secret)")
-        raw = req.get_data(cache=True)
+        raw = body_bytes(req)
         headers = {k.lower(): v for k, v in req.headers.items()}
         for verifier, caller in svc.verifiers:
             if _signature_ok(verifier, raw, headers):
                 return caller
         raise IntakeError(401, "invalid or stale webhook signature (timestamps must be within 5 minutes)")
-    header = req.headers.get("Authorization", "")
+    header = environ.get("HTTP_AUTHORIZATION", "")
     if not header:
         raise IntakeError(401, "missing credentials: send 'Authorization: Bearer <api key>' or a signed request")
     scheme, _, key = header.partition(" ")
@@ -180,17 +183,23 @@ def _signature_ok(verifier: Webhook, raw: bytes, headers: dict[str, str]) -> boo
     return True
 
 
+def body_bytes(req: Request) -> bytes:
+    """The request body: the bytes BodyLimit read (and limited) before the app ran, else Flask's."""
+    raw = req.environ.get(BODY_KEY)
+    return raw if raw is not None else req.get_data(cache=True)
+
+
 def parse_json_object(req: Request) -> dict[str, Any]:
     """The JSON object body; 415 for another content type, 400 for malformed JSON."""
     if not req.is_json:
         raise IntakeError(415, "Content-Type must be application/json")
     try:
-        body = req.get_json(silent=True, cache=True)
+        body = json.loads(body_bytes(req))
     except RecursionError:
         # The decoder gives up on very deep nesting (about 1,000 levels) with RecursionError, not ValueError.
         raise IntakeError(400, "the JSON body is nested too deeply") from None
-    if body is None:
-        raise IntakeError(400, "malformed JSON body")
+    except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes in no UTF encoding
+        raise IntakeError(400, "malformed JSON body") from None
     if not isinstance(body, dict):
         raise IntakeError(400, "the body must be a JSON object")
     return body
@@ -313,8 +322,9 @@ def idempotency_key(req: Request) -> str | None:
     A signed request uses its `webhook-id` only: it is covered by the signature, while another header is
     not, and a replayed signed request must not become a new request by changing it.
     """
-    signed = "webhook-signature" in req.headers  # judged as authenticate_trigger judges it
-    key = req.headers.get("webhook-id") if signed else req.headers.get("Idempotency-Key")
+    environ = req.environ
+    signed = "HTTP_WEBHOOK_SIGNATURE" in environ  # judged as authenticate_trigger judges it
+    key = environ.get("HTTP_WEBHOOK_ID") if signed else environ.get("HTTP_IDEMPOTENCY_KEY")
     if key is None:
         return None
     if not IDEMPOTENCY_KEY.match(key):
