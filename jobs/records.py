@@ -92,13 +92,23 @@ def load(conn: redis.Redis, request_id: str) -> dict[str, Any] | None:
     return _parse(request_id, conn.hgetall(request_key(request_id)))
 
 
+# Records read per pipeline by load_many: a long listing does not become one huge Redis reply.
+LOAD_CHUNK = 500
+
+
 def load_many(conn: redis.Redis, request_ids: list[str]) -> list[dict[str, Any]]:
-    """The records of these ids that still exist, in their order, read in one round trip."""
-    pipe = conn.pipeline(transaction=False)
-    for request_id in request_ids:
-        pipe.hgetall(request_key(request_id))
-    found = (_parse(request_id, raw) for request_id, raw in zip(request_ids, pipe.execute(), strict=True))
-    return [record for record in found if record is not None]
+    """The records of these ids that still exist, in their order, read in pipelines of LOAD_CHUNK."""
+    found: list[dict[str, Any]] = []
+    for start in range(0, len(request_ids), LOAD_CHUNK):
+        chunk = request_ids[start:start + LOAD_CHUNK]
+        pipe = conn.pipeline(transaction=False)
+        for request_id in chunk:
+            pipe.hgetall(request_key(request_id))
+        for request_id, raw in zip(chunk, pipe.execute(), strict=True):
+            record = _parse(request_id, raw)
+            if record is not None:
+                found.append(record)
+    return found
 
 
 def _parse(request_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:

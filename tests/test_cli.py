@@ -31,6 +31,7 @@ from tests.helpers import API_KEY, SandboxView, bearer, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 ROBOT_SECRET = "cli-robot-secret-5d1c"
 APP_TOKEN = "cli-app-token-77e0"
+MEMBER_ID = "clishopmember"
 TTL_DAYS = 10
 
 
@@ -42,6 +43,7 @@ def portals_file(tmp: Path, webhook: str, name: str = "portals.toml") -> Path:
         webhook_url = "{webhook}"
         application_token = "{APP_TOKEN}"
         robot_secret = "{ROBOT_SECRET}"
+        member_id = "{MEMBER_ID}"
         chat = "chat1"
 
         [[portals.shop.rules]]
@@ -219,11 +221,20 @@ def test_every_submit_indexes_its_request_in_the_same_script_and_the_index_expir
     api = client.post("/v1/cancel", json={"portal": "outlet", "document_ids": [8]},
                       headers={**bearer(), "Idempotency-Key": "index-api"})
     robot = client.post(f"/v1/bitrix24/robot?portal=shop&key={ROBOT_SECRET}&document_ids=9")
-    assert (api.status_code, robot.status_code) == (202, 202)
-    api_id, robot_id = api.get_json()["request_id"], robot.get_json()["request_id"]
-    created = {rid: float(conn.hget(records.request_key(rid), "created_at") or 0) for rid in (api_id, robot_id)}
+    event = client.post("/v1/bitrix24/events", data={
+        "event": "ONSHIPMENTENTITYSAVED", "data[FIELDS][ID]": "1", "ts": str(int(time.time())),
+        "auth[member_id]": MEMBER_ID, "auth[application_token]": APP_TOKEN})
+    assert (api.status_code, robot.status_code, event.status_code) == (202, 202, 200)
+    api_id, robot_id, event_id = (answer.get_json()["request_id"] for answer in (api, robot, event))
+    created = {rid: float(conn.hget(records.request_key(rid), "created_at") or 0)
+               for rid in (api_id, robot_id, event_id)}
     assert conn.zscore(records.index_key("outlet"), api_id) == created[api_id]
     assert conn.zscore(records.index_key("shop"), robot_id) == created[robot_id]
+    assert conn.zscore(records.index_key("shop"), event_id) == created[event_id]
+    assert conn.zscore(records.index_key("outlet"), robot_id) is None
+    listed = {entry["request_id"]: entry for entry in json.loads(run(app, "requests", "--json").output)["requests"]}
+    assert (listed[event_id]["caller"], listed[event_id]["source"]) == ("bitrix24", "event")
+    assert (listed[api_id]["caller"], listed[api_id]["portal"]) == ("default", "outlet")
     ttl = TTL_DAYS * 86400
     for name in ("shop", "outlet"):
         assert ttl - 5 <= conn.ttl(records.index_key(name)) <= ttl
@@ -242,7 +253,7 @@ def test_every_submit_indexes_its_request_in_the_same_script_and_the_index_expir
     assert conn.zscore(records.index_key("shop"), stale) is None
     assert conn.zscore(records.index_key("shop"), "0" + "a" * 31) is not None
     assert conn.zscore(records.index_key("shop"), robot_id) is not None
-    for rid in (api_id, robot_id, "0" + "a" * 31):
+    for rid in (api_id, robot_id, event_id, "0" + "a" * 31):
         finished(conn, rid)
 
 
