@@ -193,9 +193,10 @@ def test_cancel_with_a_key_is_idempotent_and_refusals_enqueue_nothing(
         ("cancel", "5"): "--portal is required: several portals are configured (outlet, shop)",
         ("cancel", "--portal", "outlet", "five"): "bad document id 'five'",
         ("cancel", "--portal", "outlet", "-1"): "No such option",
-        ("cancel", "--portal", "outlet", "0"): "document_ids must contain positive ids",
-        ("cancel", "--portal", "outlet", "99999999999"): "document_ids must contain positive ids",
-        ("cancel", "--portal", "outlet", "6", "6"): "document_ids contains duplicates",
+        # The API's own checks (the cancel body's model), with its messages, which name the field.
+        ("cancel", "--portal", "outlet", "0"): "Error: document_ids[0]: ",
+        ("cancel", "--portal", "outlet", "6", "99999999999"): "Error: document_ids[1]: ",
+        ("cancel", "--portal", "outlet", "6", "6"): "Error: document_ids: ",
         ("cancel", "--portal", "outlet", "--chat", "chat9", "6"): "chat chat9 is not allowed",
         ("cancel", "--portal", "outlet", "--chat", "7", "6"): "chat must be a group chat",
         ("cancel", "--portal", "outlet", "--key", "by-hand-1", "6"): "already used with a different request",
@@ -440,3 +441,15 @@ def test_the_commands_run_as_flask_subprocesses_on_the_configured_redis_and_port
     assert refused.returncode == 1 and "Error: unknown portal 'nowhere'" in refused.stderr
     for output in (cancelled, listed, healthy, unhealthy, refused):
         assert_no_secret(output.stdout + output.stderr, stack)
+
+
+def test_operator_is_a_reserved_caller_name(tmp_path: Path, stack: dict[str, Any]) -> None:
+    from settings import SettingsError, key_sha256, load_settings
+
+    path = tmp_path / "portals.toml"
+    path.write_text(f'[portals.shop]\nwebhook_url = "{stack["webhook"]}"\nchat = "chat1"\n'
+                    f'[callers.operator]\nkey_sha256 = "{key_sha256("k")}"\nportals = ["shop"]\n')
+    with pytest.raises(SettingsError, match="caller name 'operator' is reserved"):
+        load_settings(_env_file=None, b24_portals_file=str(path))
+    refused = run(stack["app"], "new-key", "operator")
+    assert refused.exit_code != 0 and "not sandbox, bitrix24, operator" in refused.output
