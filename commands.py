@@ -253,7 +253,7 @@ def describe(record: dict[str, Any], view: dict[str, Any], portal_chat: str | No
     lines = [f"request {record['id']}: {view['state']}",
              f"  portal {view['portal']}, caller {caller_of(record)}, from {view['source']}"
              + (f" ({view['source_ref']})" if view.get("source_ref") else "")
-             + (f", event {request['event']}" if request.get("event") else "")]
+             + (f", event {request['event']} for object {request.get('object_id')}" if request.get("event") else "")]
     lines.append(f"  created {view['created_at']}, updated {view['updated_at']}"
                  + (f", finished {view['finished_at']}" if view.get("finished_at") else ""))
     if view.get("reason"):

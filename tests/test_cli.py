@@ -236,6 +236,8 @@ def test_every_submit_indexes_its_request_in_the_same_script_and_the_index_expir
     listed = {entry["request_id"]: entry for entry in json.loads(run(app, "requests", "--json").output)["requests"]}
     assert (listed[event_id]["caller"], listed[event_id]["source"]) == ("bitrix24", "event")
     assert (listed[api_id]["caller"], listed[api_id]["portal"]) == ("default", "outlet")
+    shown = run(app, "show", event_id).output.splitlines()
+    assert shown[1] == "  portal shop, caller bitrix24, from event, event ONSHIPMENTENTITYSAVED for object 1"
     ttl = TTL_DAYS * 86400
     for name in ("shop", "outlet"):
         assert ttl - 5 <= conn.ttl(records.index_key(name)) <= ttl
