@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    StrictInt,
     StrictStr,
     StringConstraints,
     ValidationError,
@@ -32,14 +33,32 @@ MAX_REFERENCE = 200
 MAX_DOCUMENT_ID = 2**31 - 1
 # Portal names are short identifiers from the configuration.
 MAX_PORTAL_NAME = 100
-# A chat a request may name: chat42 (a group chat) or sg42 (a collab). A bare user id (a person's dialog) is
-# refused with its own message in the handler, so the pattern accepts it here.
-CHAT_PATTERN = r"^(?:chat|sg)?[0-9]{1,18}$"
+# A chat a request may name: chat42 (a group chat) or sg42 (a collab); never a bare user id (a person's dialog).
+CHAT_PATTERN = r"^(?:chat|sg)[0-9]{1,18}$"
 
-DocumentId = Annotated[StrictInt, Field(gt=0, le=MAX_DOCUMENT_ID, description="An inventory document's id")]
-DocumentNumber = Annotated[StrictStr, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REFERENCE)]
+def _whole(value: Any) -> Any:
+    """A JSON number with no fraction (142.0) is the integer JSON Schema says it is; 1.5, "2" and true are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+DocumentId = Annotated[Annotated[int, Field(strict=True, gt=0, le=MAX_DOCUMENT_ID)], BeforeValidator(_whole),
+                       Field(description="An inventory document's id")]
+# JSON's own whitespace only: Python's str.strip() and the regex engines disagree about the rest (U+0085).
+JSON_SPACE = " \t\r\n"
+# A document number: at most 200 characters, with something besides spaces; surrounding spaces are dropped.
+DocumentNumber = Annotated[StrictStr, StringConstraints(max_length=MAX_REFERENCE, pattern=r"[^ \t\r\n]"),
+                           AfterValidator(lambda value: value.strip(JSON_SPACE))]
 Outcome = Literal["cancelled", "already_not_conducted", "refused", "not_found", "failed"]
 State = Literal["queued", "running", "retrying", "done", "failed"]
+
+
+def _never_null(schema: dict[str, Any]) -> None:
+    """A field that may be left out but is never null: the document says "an array, when given"."""
+    branches = schema.pop("anyOf", [])
+    schema.update(next((branch for branch in branches if branch.get("type") != "null"), {}))
+    schema.pop("default", None)
 
 
 class CancelBody(BaseModel):
@@ -47,7 +66,8 @@ class CancelBody(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [
+        json_schema_extra={"oneOf": [{"required": ["document_ids"]}, {"required": ["document_numbers"]}],
+                           "examples": [
             {"document_ids": [142, 143], "reason": "Shipment RMA-1 returned", "external_id": "RMA-1"},
             {"portal": "shop", "document_numbers": ["W-0001"], "reason": "Pallet 7 scanned back in",
              "chat": "chat7"},
@@ -56,10 +76,15 @@ class CancelBody(BaseModel):
 
     portal: Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_PORTAL_NAME)] | None = Field(
         None, description="The portal's name; may be left out when the caller may use one portal only")
-    document_ids: Annotated[list[DocumentId], Field(min_length=1, max_length=MAX_DOCUMENTS)] | None = Field(
-        None, description=f"Distinct document ids (1-{MAX_DOCUMENTS}); give these or document_numbers")
-    document_numbers: Annotated[list[DocumentNumber], Field(min_length=1, max_length=MAX_DOCUMENTS)] | None = Field(
-        None, description=f"Distinct document numbers (1-{MAX_DOCUMENTS}), looked up on the portal")
+    # The lists are optional but never null: exactly one is given (see one_list and the document's oneOf).
+    document_ids: Annotated[list[DocumentId], Field(min_length=1, max_length=MAX_DOCUMENTS,
+                                                    json_schema_extra={"uniqueItems": True})] | None = Field(
+        None, description=f"Distinct document ids (1-{MAX_DOCUMENTS}); give these or document_numbers",
+        json_schema_extra=_never_null)
+    document_numbers: Annotated[list[DocumentNumber], Field(min_length=1, max_length=MAX_DOCUMENTS,
+                                                            json_schema_extra={"uniqueItems": True})] | None = Field(
+        None, description=f"Distinct document numbers (1-{MAX_DOCUMENTS}), looked up on the portal",
+        json_schema_extra=_never_null)
     reason: Annotated[StrictStr, StringConstraints(max_length=MAX_REASON)] | None = Field(
         None, description="Why, shown in the chat report")
     external_id: Annotated[StrictStr, StringConstraints(max_length=MAX_REFERENCE)] | None = Field(
@@ -67,6 +92,13 @@ class CancelBody(BaseModel):
     chat: Annotated[StrictStr, StringConstraints(pattern=CHAT_PATTERN)] | None = Field(
         None, description="Report to this group chat instead of the portal's (chat42): the portal's own, or one "
                           "the portal's or the caller's `chats` list names")
+
+    @field_validator("document_ids", "document_numbers", mode="before")
+    @classmethod
+    def not_null(cls, value: Any) -> Any:
+        if value is None:  # only an explicit null gets here: an absent field keeps its default
+            raise PydanticCustomError("list_type", "input should be a valid array (leave the field out instead)")
+        return value
 
     @field_validator("document_ids", "document_numbers")
     @classmethod
@@ -101,8 +133,10 @@ def first_error(exc: ValidationError) -> tuple[str, str | None]:
     if kind == "extra_forbidden":
         return f"unknown field {field!r}", field
     path = field + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))
+    if kind == "string_pattern_mismatch" and field == "document_numbers":
+        text = "must not be empty or only spaces"
     if kind == "string_pattern_mismatch" and field == "chat":
-        text = "must look like chat42"
+        text = "must be a group chat (chat42 or sg42); a request may not name a person's dialog"
     return f"{path}: {text[:1].lower()}{text[1:]}", field
 
 
@@ -205,7 +239,8 @@ class RobotQuery(BaseModel):
 
     portal: str = Field(description="the portal's name")
     key: str = Field(description="the portal's robot secret (robot_secret)")
-    document_ids: str | None = Field(None, pattern=r"^[0-9, ]*$", description="ids separated by commas",
+    document_ids: str | None = Field(None, pattern=r"^ *[0-9]{1,10} *(?:, *[0-9]{1,10} *)*,? *$",
+                                     description="distinct ids separated by commas",
                                      examples=["142,143"])
     document_numbers: str | None = Field(None, description="numbers separated by commas")
     reason: str | None = Field(None, max_length=MAX_REASON)
@@ -234,9 +269,10 @@ EventForm = {
     "type": "object",
     "description": "A Bitrix24 outgoing event. `auth[application_token]` is the portal's application token "
                    "(compared in constant time): it is this endpoint's credential, sent in the form.",
-    "required": ["event", "auth[application_token]"],
+    "required": ["event", "data[FIELDS][ID]", "ts", "auth[member_id]", "auth[application_token]"],
     "properties": {
-        "event": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,100}$", "examples": ["ONCRMDEALUPDATE"]},
+        "event": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,100}$", "examples": ["ONCRMDEALUPDATE"],
+                  "description": "the event's name (case does not matter)"},
         "data[FIELDS][ID]": {"type": "string", "pattern": "^[0-9]{1,18}$", "examples": ["12"]},
         "ts": {"type": "string", "pattern": "^[0-9]{1,12}$", "examples": ["1764672000"]},
         "event_handler_id": {"type": "string", "maxLength": 32},
