@@ -198,7 +198,7 @@ def test_cancel_with_a_key_is_idempotent_and_refusals_enqueue_nothing(
         ("cancel", "--portal", "outlet", "6", "99999999999"): "Error: document_ids[1]: ",
         ("cancel", "--portal", "outlet", "6", "6"): "Error: document_ids: ",
         ("cancel", "--portal", "outlet", "--chat", "chat9", "6"): "chat chat9 is not allowed",
-        ("cancel", "--portal", "outlet", "--chat", "7", "6"): "chat must be a group chat",
+        ("cancel", "--portal", "outlet", "--chat", "7", "6"): "Error: chat: must be a group chat",
         ("cancel", "--portal", "outlet", "--key", "by-hand-1", "6"): "already used with a different request",
         ("cancel", "--portal", "outlet"): "Missing argument",
     }
