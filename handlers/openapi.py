@@ -105,13 +105,13 @@ def build(public_url: str | None = None) -> dict[str, Any]:
         "/v1/portals": {"get": {
             "operationId": "listPortals",
             "summary": "The portals, with any limit holding them back (admin)",
-            "security": [{"bearerAuth": []}],
+            "security": [{"bearerAuth": ["admin"]}],
             "responses": responses({200: answer("PortalList", "The configured portals (URLs masked)")}, 401, 403),
         }},
         "/v1/health": {"get": {
             "operationId": "healthDetails",
             "summary": "Workers, queue depth and portals held back (admin)",
-            "security": [{"bearerAuth": []}],
+            "security": [{"bearerAuth": ["admin"]}],
             "responses": responses({200: answer("HealthDetails", "Ready, with details")}, 401, 403, 503),
         }},
         "/healthz": {"get": {
@@ -213,7 +213,11 @@ def build(public_url: str | None = None) -> dict[str, Any]:
             "schemas": components,
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer",
-                               "description": "A caller's API key (`flask --app app new-key NAME`)."},
+                               "description": "A caller's API key (`flask --app app new-key NAME`). Each caller "
+                                              "is named and scoped in the portals file: the portals it may "
+                                              "use, the chats it may name, and the role `admin` (every "
+                                              "request, /v1/portals, /v1/health), which operations requiring "
+                                              "it list. A caller sees only its own requests."},
                 "standardWebhooks": {"type": "apiKey", "in": "header", "name": "webhook-signature",
                                      "description": "Standard Webhooks: `webhook-signature` over "
                                                     "`webhook-id.webhook-timestamp.body` with the caller's whsec_ "

@@ -233,6 +233,13 @@ def test_robot_with_wrong_key_gets_401(client: FlaskClient, redis_conn: redis.Re
     assert queued(redis_conn) == []
 
 
+def test_robot_refuses_an_unknown_url_parameter_instead_of_ignoring_it(client: FlaskClient,
+                                                                      redis_conn: redis.Redis) -> None:
+    typo = client.post(f"/v1/bitrix24/robot?portal=default&key={ROBOT_SECRET}&document_ids=1&documnet_numbers=A")
+    assert typo.status_code == 400 and typo.get_json()["field"] == "documnet_numbers"
+    assert queued(redis_conn) == []
+
+
 def test_status_of_unknown_request_is_404_and_needs_credentials(client: FlaskClient) -> None:
     assert client.get("/v1/requests/" + "0" * 32, headers=bearer()).status_code == 404
     assert client.get("/v1/requests/" + "0" * 32).status_code == 401
