@@ -43,10 +43,13 @@ SINGLE_PORTAL_FIELDS = ("b24_webhook_url", "b24_chat_id", "b24_application_token
 
 
 # Caller names that the service itself gives: `default` (TRIGGER_API_KEYS / TRIGGER_SECRETS), `sandbox`
-# (SANDBOX_MODE's key) and `bitrix24` (the idempotency namespace of requests Bitrix24 makes).
+# (SANDBOX_MODE's key), `bitrix24` (the idempotency namespace of requests Bitrix24 makes) and `operator`
+# (requests made with `flask --app app cancel`).
 DEFAULT_CALLER = "default"
 SANDBOX_CALLER = "sandbox"
 BITRIX24_CALLER = "bitrix24"
+OPERATOR_CALLER = "operator"
+RESERVED_CALLERS = (SANDBOX_CALLER, BITRIX24_CALLER, OPERATOR_CALLER)
 KEY_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # A chat a request may name in `chat`: a group chat, never a bare user id (a direct dialog).
 GROUP_CHAT = re.compile(r"^(chat|sg)[0-9]{1,18}\Z")
@@ -792,7 +795,7 @@ def callers_from_file(sections: Any, portals: dict[str, Portal], where: str,
         if not PORTAL_NAME.match(name):
             problems.append(f"{where}: caller name {name!r} must be letters, digits, - or _")
             continue
-        if name in (SANDBOX_CALLER, BITRIX24_CALLER):
+        if name in RESERVED_CALLERS:
             problems.append(f"{where}: caller name {name!r} is reserved (the service gives it itself)")
             continue
         try:

@@ -186,9 +186,6 @@ def robot() -> Reply:
         body["document_ids"] = [int(item) for item in ids]
     elif numbers:
         body["document_numbers"] = numbers
-    else:
-        raise IntakeError(400, "the robot names no documents: fill in document ids or document numbers",
-                          "properties[document_ids]")
     reason = _field(form, "properties[reason]")
     if reason:
         body["reason"] = reason
@@ -197,7 +194,14 @@ def robot() -> Reply:
         raise IntakeError(400, "properties[chat] must be a group chat like chat42, or none", "properties[chat]")
     parts = [part for part in (form.getlist("document_id[]") or
                                [form[k] for k in sorted(form) if k.startswith("document_id[")]) if part][:3]
-    request_ = cancel_request(body, portal, source="robot", source_ref=", ".join(parts) if parts else None)
+    source_ref = ", ".join(parts) if parts else None
+    if body.get("document_ids") or body.get("document_numbers"):
+        request_ = cancel_request(body, portal, source="robot", source_ref=source_ref)
+    else:
+        # The workflow waits for an answer whatever the robot was given: a request without documents ends
+        # failed and tells the workflow so (outcome `failed`), rather than leaving it waiting.
+        request_ = {"portal": portal.name, "source": "robot", "document_ids": [], "reason": body.get("reason"),
+                    "external_id": None, "source_ref": source_ref}
     request_["chat"] = NO_CHAT if chat and chat.lower() == NO_CHAT else chat
     request_["event_token"] = event_token
     request_["workflow_id"] = _field(form, "workflow_id")

@@ -22,6 +22,7 @@ from handlers.intake import (
     services,
     submit,
 )
+from handlers.schemas import RobotQuery
 
 bp = Blueprint("robot", __name__)
 
@@ -33,6 +34,8 @@ DIGITS = re.compile(r"[0-9]{1,10}", re.ASCII)
 # Longest value of each robot field we store or key on (document_id[] parts, workflow_id, ts, run);
 # the robot sends short ids (crm / CCrmDocumentDeal / DEAL_12). Longer ones are refused, not cut.
 MAX_ROBOT_FIELD = 200
+# The robot URL's parameters (handlers/schemas.py RobotQuery); any other is refused.
+ROBOT_PARAMETERS = frozenset(RobotQuery.model_fields)
 # document_id[] has three parts (module, entity, document).
 MAX_DOCUMENT_PARTS = 3
 
@@ -72,6 +75,9 @@ def robot() -> Reply:
     if not constant_time_in(args.get("key", ""), [secret or NO_SECRET]) or not secret:
         raise IntakeError(401, "missing or wrong key for this robot URL")
     assert portal is not None
+    unknown = sorted(set(args) - ROBOT_PARAMETERS)
+    if unknown:  # a typo (document_id=) would otherwise be ignored silently
+        raise IntakeError(400, f"unknown parameter {unknown[0][:50]!r} in the robot's URL", unknown[0][:50])
     body: dict[str, Any] = {}
     if args.get("document_ids"):
         body["document_ids"] = _ids(args["document_ids"])

@@ -50,6 +50,8 @@ CHAT_ENTITY_ID = "reports"
 CHAT_TITLE = {"en": "Inventory document cancellations", "ru": "Отмена проведения складских документов"}
 # The robot's chat property that turns the chat report off.
 NO_CHAT = "none"
+# What a robot call that named no document gets back (and its request's error).
+NO_DOCUMENTS = "the robot named no documents: fill in its document ids or document numbers"
 # Bitrix24 codes that mean "already there": binding and adding again is fine.
 ALREADY = frozenset({"ERROR_HANDLER_ALREADY_EXIST", "ERROR_ACTIVITY_ALREADY_INSTALLED"})
 # The answer of a spent or unknown event token (the workflow no longer waits, or got our values already).
@@ -321,7 +323,7 @@ def return_values(record: dict[str, Any]) -> dict[str, Any]:
             line += f" ({doc['detail']})"
         lines.append(line)
     return {"outcome": outcome, "cancelled_count": counts["cancelled"], "failed_count": bad,
-            "details": "\n".join(lines), "request_id": record["id"]}
+            "details": "\n".join(lines) or NO_DOCUMENTS, "request_id": record["id"]}
 
 
 def log_message(values: dict[str, Any]) -> str:

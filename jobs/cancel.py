@@ -119,13 +119,13 @@ def run_cancel(conn: redis.Redis, request_id: str, lease: Lease) -> dict[str, An
                 if doc.pop("claimed", None) and not doc.get("sent_at"):
                     claims.release([doc["id"]])
                 doc.pop("sent_at", None)
-        finish(conn, request_id, docs, error=str(err))
+        finish(conn, request_id, docs, error=str(err), workflow=bool(record["request"].get("event_token")))
         for doc in docs:
             ctx.tally.observe("document_outcomes", portal.name, doc["outcome"])
         final_failure(f"request {request_id}: {err}")
     if wait is not None:
         return hold(defer(conn, request_id, wait.until, wait.why, documents=docs))
-    finish(conn, request_id, docs)
+    finish(conn, request_id, docs, workflow=bool(record["request"].get("event_token")))
     for doc in docs:
         ctx.tally.observe("document_outcomes", portal.name, doc["outcome"])
     failed = [doc for doc in docs if doc["outcome"] == "failed"]
@@ -163,10 +163,12 @@ def start_replay(conn: redis.Redis, request_id: str, record: dict[str, Any]) -> 
     return docs
 
 
-def finish(conn: redis.Redis, request_id: str, docs: list[dict[str, Any]], error: str | None = None) -> None:
-    """Every document is decided: save, and enqueue the report."""
+def finish(conn: redis.Redis, request_id: str, docs: list[dict[str, Any]], error: str | None = None,
+           workflow: bool = False) -> None:
+    """Every document is decided: save, and enqueue the report (and, for the app's robot, the workflow's
+    return values: a workflow waits for them even when its robot named no document)."""
     records.save(conn, request_id, documents=docs, error=error, waiting_for="", resume_at="")
-    if not docs:
+    if not docs and not workflow:
         records.save(conn, request_id, state="done", finished_at=records.now_text())
         log.info("request has no documents; no report", extra={"request_id": request_id})
         return

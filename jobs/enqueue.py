@@ -46,22 +46,22 @@ LUA_LITERAL = re.compile(r"^[\x20-\x7e]*$")
 
 SUBMIT_SCRIPT = """
 -- KEYS[1] request record, KEYS[2] job hash, KEYS[3] queue list, KEYS[4] set of queues,
--- KEYS[5] idempotency key (absent when the sender gave none)
+-- KEYS[5] the portal's index of requests, KEYS[6] idempotency key (absent when the sender gave none)
 -- ARGV[1] record TTL, ARGV[2] job id, ARGV[3] queue key, ARGV[4] request JSON, ARGV[5] documents JSON,
 -- ARGV[6] unix time, ARGV[7] job data, ARGV[8] job time (RQ's format), ARGV[9] job description,
 -- ARGV[10] request id, ARGV[11] the request's fingerprint
--- With a guard (an installed portal's event): KEYS[6] the portal's hash, ARGV[12] the SHA-1 of the
+-- With a guard (an installed portal's event): KEYS[7] the portal's hash, ARGV[12] the SHA-1 of the
 -- application token the sender gave, ARGV[13] the domain it gave (lower case). Digests are compared, so the
 -- comparison's time says nothing about the stored token.
 -- Returns {outcome, request id}: see SUBMIT_OUTCOMES.
 if ARGV[12] then
-  local stored = redis.call('HMGET', KEYS[6], 'application_token', 'domain')
+  local stored = redis.call('HMGET', KEYS[7], 'application_token', 'domain')
   if not stored[1] or redis.sha1hex(stored[1]) ~= ARGV[12] or string.lower(stored[2] or '') ~= ARGV[13] then
     return {4, ''}
   end
 end
-if KEYS[5] then
-  local seen = redis.call('HMGET', KEYS[5], 'id', 'fingerprint')
+if KEYS[6] then
+  local seen = redis.call('HMGET', KEYS[6], 'id', 'fingerprint')
   if seen[1] then
     if seen[2] ~= ARGV[11] then
       return {2, seen[1]}
@@ -80,9 +80,17 @@ redis.call('HSET', KEYS[2], 'data', ARGV[7], 'created_at', ARGV[8], 'enqueued_at
            'description', ARGV[9] %(job_constants)s)
 redis.call('RPUSH', KEYS[3], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[3])
-if KEYS[5] then
-  redis.call('HSET', KEYS[5], 'id', ARGV[10], 'fingerprint', ARGV[11])
-  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[1]))
+-- The portal's index: request ids scored by creation time, living as long as the newest record. Entries
+-- older than the records' TTL are trimmed on one submit in 16 (the ids are random hex): the trim costs
+-- little, but the hot path need not pay it every time, and readers skip ids whose record has expired.
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[10])
+redis.call('EXPIRE', KEYS[5], tonumber(ARGV[1]))
+if string.byte(ARGV[10], 1) == 48 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(ARGV[6]) - tonumber(ARGV[1])))
+end
+if KEYS[6] then
+  redis.call('HSET', KEYS[6], 'id', ARGV[10], 'fingerprint', ARGV[11])
+  redis.call('EXPIRE', KEYS[6], tonumber(ARGV[1]))
 end
 return {1, ARGV[10]}
 """
@@ -127,6 +135,16 @@ class Submitted:
         code, request_id = reply
         text = request_id.decode() if isinstance(request_id, bytes) else str(request_id)
         return cls(request_id=text, outcome=SUBMIT_OUTCOMES[int(code)])  # type: ignore[arg-type]
+
+
+def compress(data: bytes) -> bytes:
+    """A job's `data` as RQ stores it (zlib, which `zlib.decompress` reads), with a 512-byte window.
+
+    `zlib.compress` sets up a 256 KiB state for every call, which costs more than the rest of the job: a
+    job's data is under 100 bytes, so a small window and memory level compress it as well, much faster.
+    """
+    packer = zlib.compressobj(1, zlib.DEFLATED, 9, 1)
+    return packer.compress(data) + packer.flush()
 
 
 def build_job(queue: Queue, func: str, request_id: str, job_id: str) -> Any:
@@ -195,14 +213,14 @@ class Submitter:
         q = self.queues[queue]
         script = self._script(q, func)
         record = records.new_record(request)
-        data = zlib.compress(JSONSerializer.dumps([func, None, [request_id], {}]))
+        data = compress(JSONSerializer.dumps([func, None, [request_id], {}]))
         keys = [records.request_key(request_id), f"{q.job_class.redis_job_namespace_prefix}{job_id}", q.key,
-                Queue.redis_queues_keys]
+                Queue.redis_queues_keys, records.index_key(request["portal"])]
         if idempotency_key:
             keys.append(idempotency_key)
         args = [self.record_ttl, job_id, q.key, record["request"], record["documents"], record["created_at"],
                 data, utcformat(now()), f"{func.rsplit('.', 1)[-1]}({request_id})", request_id,
-                records.fingerprint(request) if idempotency_key else ""]
+                records.fingerprint(request, record["request"]) if idempotency_key else ""]
         if guard is not None:
             if not idempotency_key:
                 raise ValueError("a guarded submit needs an idempotency key")
@@ -214,7 +232,13 @@ class Submitter:
         """Run the submit script; with REDIS_MIN_REPLICAS > 0 its EVALSHA and a WAIT share one pipeline (one
         round trip), and NotReplicated means the write may exist on the primary only."""
         if not self.min_replicas:
-            return script(keys=keys, args=args)
+            # EVALSHA through execute_command (redis-py's retries and pool, without Script.__call__'s wrappers);
+            # a Redis whose script cache is empty (restarted, or a new primary) gets the script once.
+            try:
+                return self.conn.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                self.conn.script_load(script.script)
+                return self.conn.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
         def write(pipe: Any) -> None:
             # EVALSHA directly: a Script registered on a pipeline costs a SCRIPT EXISTS round trip per execute.

@@ -82,6 +82,10 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
             return waiting
         if int(record.get("reported_round", 0)) >= round_:
             return {"message_id": record.get("message_id"), "already": True}
+        if not record.get("documents"):  # the robot named no document: the workflow heard it failed; no chat
+            records.save(conn, request_id, reported_round=str(round_), state="failed", error=app_jobs.NO_DOCUMENTS,
+                         finished_at=records.now_text(), waiting_for="", resume_at="")
+            return {"workflow": "told", "documents": 0}
     if chat == app_jobs.NO_CHAT:
         records.save(conn, request_id, reported_round=str(round_), state=final_state(record),
                      finished_at=records.now_text(), waiting_for="", resume_at="")

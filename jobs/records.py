@@ -17,6 +17,9 @@ import redis
 
 KEY_PREFIX = "b24c:req:"
 IDEMPOTENCY_PREFIX = "b24c:idem:"
+# Per portal, a sorted set of request ids scored by creation time (unix seconds), written by the submit
+# script in the same round trip as the record and living as long as the newest record.
+INDEX_PREFIX = "b24c:index:"
 # Request fields that describe one delivery rather than the request: a repeat may differ in them
 # (Bitrix24 sends the same event through each handler registered for it, with the handler's id).
 DELIVERY_FIELDS = frozenset({"event_handler_id"})
@@ -27,6 +30,19 @@ State = Literal["queued", "running", "retrying", "done", "failed"]
 def request_key(request_id: str) -> str:
     """The Redis key of a request's record."""
     return KEY_PREFIX + request_id
+
+
+def index_key(portal: str) -> str:
+    """The Redis key of a portal's index of requests."""
+    return INDEX_PREFIX + portal
+
+
+def recent(conn: redis.Redis, portal: str, since: float | None = None, limit: int | None = None) -> list[str]:
+    """A portal's request ids, newest first, created at `since` (unix time) or later; ids whose record
+    has expired are still listed (`load` answers None for them)."""
+    low: float | str = "-inf" if since is None else since
+    ids = conn.zrevrangebyscore(index_key(portal), "+inf", low, start=0 if limit else None, num=limit)
+    return [_text(request_id) for request_id in ids]  # type: ignore[arg-type]
 
 
 def new_request_id() -> str:
@@ -40,10 +56,19 @@ def idempotency_key(portal: str, source: str, caller: str, key: str) -> str:
     return IDEMPOTENCY_PREFIX + digest[:32]
 
 
-def fingerprint(request: dict[str, Any]) -> str:
-    """A hash of the validated request (canonical JSON): a repeat under the same key must match it."""
-    canonical = {k: v for k, v in request.items() if k not in DELIVERY_FIELDS}
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+def canonical_json(request: dict[str, Any]) -> str:
+    """The request as stored on its record: compact JSON with sorted keys."""
+    return json.dumps(request, sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint(request: dict[str, Any], encoded: str | None = None) -> str:
+    """A hash of the validated request (canonical JSON): a repeat under the same key must match it.
+
+    `encoded` is `canonical_json(request)` when the caller has it already (the record's own field).
+    """
+    if encoded is None or not DELIVERY_FIELDS.isdisjoint(request):
+        encoded = canonical_json({k: v for k, v in request.items() if k not in DELIVERY_FIELDS})
+    return hashlib.sha256(encoded.encode()).hexdigest()[:32]
 
 
 def new_record(request: dict[str, Any], state: State = "queued") -> dict[str, str]:
@@ -53,7 +78,7 @@ def new_record(request: dict[str, Any], state: State = "queued") -> dict[str, st
     documents += [{"id": None, "number": number, "outcome": None, "detail": None}
                   for number in request.get("document_numbers") or []]
     return {
-        "request": json.dumps(request, separators=(",", ":")),
+        "request": canonical_json(request),
         "state": state,
         "documents": json.dumps(documents, separators=(",", ":")),
         "attempts": "0",
@@ -64,7 +89,30 @@ def new_record(request: dict[str, Any], state: State = "queued") -> dict[str, st
 
 def load(conn: redis.Redis, request_id: str) -> dict[str, Any] | None:
     """The record as Python values, or None when it does not exist (expired or never written)."""
-    raw = conn.hgetall(request_key(request_id))
+    return _parse(request_id, conn.hgetall(request_key(request_id)))
+
+
+# Records read per pipeline by load_many: a long listing does not become one huge Redis reply.
+LOAD_CHUNK = 500
+
+
+def load_many(conn: redis.Redis, request_ids: list[str]) -> list[dict[str, Any]]:
+    """The records of these ids that still exist, in their order, read in pipelines of LOAD_CHUNK."""
+    found: list[dict[str, Any]] = []
+    for start in range(0, len(request_ids), LOAD_CHUNK):
+        chunk = request_ids[start:start + LOAD_CHUNK]
+        pipe = conn.pipeline(transaction=False)
+        for request_id in chunk:
+            pipe.hgetall(request_key(request_id))
+        for request_id, raw in zip(chunk, pipe.execute(), strict=True):
+            record = _parse(request_id, raw)
+            if record is not None:
+                found.append(record)
+    return found
+
+
+def _parse(request_id: str, raw: dict[Any, Any]) -> dict[str, Any] | None:
+    """A record's hash as Python values; None for an empty hash (no record)."""
     if not raw:
         return None
     record: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}

@@ -55,6 +55,7 @@ DEFAULT_DURATIONS: dict[str, float] = {
     "catalog.document.mode.status": 0.01,
     "im.message.add": 0.05,
     "im.dialog.messages.get": 0.03,
+    "im.dialog.get": 0.01,
     "crm.item.get": 0.05,
     "sale.shipment.get": 0.05,
     "scope": 0.0,

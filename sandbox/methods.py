@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sandbox.config import PORTAL_TZ
-from sandbox.state import REST_DOC_TYPES, document_number, new_document, portal_date
+from sandbox.state import REST_DOC_TYPES, SEED_BASE_DATE, document_number, new_document, portal_date
 from sandbox.texts import document_title, text
 
 if TYPE_CHECKING:
@@ -700,6 +700,22 @@ def dialog_messages_get(ctx: CallContext, params: dict[str, Any]) -> dict[str, A
         "chat_id": chat.chat_id,
         "users": [dict(ctx.portal.users[a]) for a in authors if a in ctx.portal.users],
     }
+
+
+@method("im.dialog.get", "im")
+def dialog_get(ctx: CallContext, params: dict[str, Any]) -> dict[str, Any]:
+    """A dialog's data, for a member only (`ACCESS_ERROR` otherwise, as for reading its messages)."""
+    p = _upper(params)
+    dialog_id = str(p.get("DIALOG_ID") or "").strip()
+    if not dialog_id:
+        raise RestError("DIALOG_ID_EMPTY", "Dialog ID can't be empty")
+    chat = _resolve_dialog(ctx, dialog_id, for_reading=True)
+    group = chat.dialog_id.startswith(("chat", "sg"))
+    owner = min(chat.members) if chat.members else 0
+    return {"id": str(chat.chat_id), "title": chat.title, "owner": str(owner), "extranet": False, "avatar": "",
+            "color": "#4ba984", "type": "chat" if group else "private", "entity_type": "", "entity_data_1": "",
+            "entity_data_2": "", "entity_data_3": "", "date_create": portal_date(SEED_BASE_DATE.timestamp()),
+            "message_type": "C" if group else "P"}
 
 
 # -- CRM and sale ----------------------------------------------------------------------------

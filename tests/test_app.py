@@ -286,6 +286,22 @@ def test_partly_cancelled_and_a_workflow_that_gave_up_are_recorded_not_retried(
     assert len(reports(portal, request_id_of(gave_up))) == 1  # the chat still hears of it
 
 
+def test_a_robot_that_names_no_document_tells_its_workflow_it_failed(
+        sandbox: devenv.Process, stack: Callable[..., Stack]) -> None:
+    portal = SandboxView(sandbox.url)
+    service = stack()
+    install(portal, service)
+    set_up(portal)
+    run = run_robot(portal, {"reason": "no documents filled in"})
+    assert run["delivery"]["status"] == 200, run
+    state = service.finished(request_id_of(run))
+    assert state["state"] == "failed" and "named no documents" in state["error"]
+    returned = wait_for(lambda: workflow(portal, run["workflow_id"])["returned"], timeout=20, what="returned")
+    assert returned["outcome"] == "failed" and int(returned["cancelled_count"]) == 0
+    assert "named no documents" in returned["details"]
+    assert portal.calls("catalog.document.cancel") == [] and reports(portal, request_id_of(run)) == []
+
+
 def test_a_worker_killed_between_the_cancel_and_event_send_still_sends_once(
         sandbox: devenv.Process, stack: Callable[..., Stack], redis_conn: redis.Redis) -> None:
     portal = SandboxView(sandbox.url)
@@ -430,6 +446,7 @@ def test_forged_install_robot_and_events_get_401_with_nothing_stored_or_enqueued
                                         "auth[domain]": "evil.example.com"}, timeout=10).status_code == 401
     uninstall_forged = {"event": "ONAPPUNINSTALL", "auth[member_id]": member_id, "auth[application_token]": "wrong"}
     assert httpx.post(install_url, data=uninstall_forged, timeout=10).status_code == 401
+    assert httpx.post(events_url, data=uninstall_forged, timeout=10).status_code == 401
     assert redis_conn.exists(portal_key(member_id))
     assert queued(redis_conn) == before
     assert not [k for k in redis_conn.keys("b24c:req:*")]
@@ -551,3 +568,20 @@ def test_the_service_starts_with_only_the_app_and_refuses_an_incomplete_one(tmp_
     path.write_text('[app]\nclient_id = "a"\nclient_secret = "b"\npublic_url = "https://x.example.com"\nwho = 1\n')
     with pytest.raises(SettingsError, match="app.who: unknown key"):
         load_settings(**base, b24_portals_file=str(path))
+
+
+def test_return_values_name_the_outcome_and_every_document() -> None:
+    from jobs.app import return_values
+
+    def values(*outcomes: str) -> dict[str, Any]:
+        docs = [{"id": n, "outcome": o, "title": f"Doc {n}", "detail": "why" if o in ("refused", "failed") else None}
+                for n, o in enumerate(outcomes, start=1)]
+        return return_values({"id": "r1", "documents": docs})
+
+    assert values("cancelled", "already_not_conducted")["outcome"] == "cancelled"
+    assert values("already_not_conducted")["outcome"] == "nothing_to_do"
+    partly = values("cancelled", "refused", "not_found")
+    assert (partly["outcome"], partly["cancelled_count"], partly["failed_count"]) == ("partly", 1, 2)
+    assert partly["details"].splitlines() == ["#1 Doc 1: cancelled", "#2 Doc 2: refused (why)", "#3 Doc 3: not_found"]
+    assert values("failed", "refused")["outcome"] == "failed"
+    assert values()["outcome"] == "failed" and values()["request_id"] == "r1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -232,6 +233,13 @@ def test_robot_with_wrong_key_gets_401(client: FlaskClient, redis_conn: redis.Re
     assert queued(redis_conn) == []
 
 
+def test_robot_refuses_an_unknown_url_parameter_instead_of_ignoring_it(client: FlaskClient,
+                                                                      redis_conn: redis.Redis) -> None:
+    typo = client.post(f"/v1/bitrix24/robot?portal=default&key={ROBOT_SECRET}&document_ids=1&documnet_numbers=A")
+    assert typo.status_code == 400 and typo.get_json()["field"] == "documnet_numbers"
+    assert queued(redis_conn) == []
+
+
 def test_status_of_unknown_request_is_404_and_needs_credentials(client: FlaskClient) -> None:
     assert client.get("/v1/requests/" + "0" * 32, headers=bearer()).status_code == 404
     assert client.get("/v1/requests/" + "0" * 32).status_code == 401
@@ -269,6 +277,8 @@ def test_fast_path_writes_the_job_hash_rq_itself_writes(client: FlaskClient, red
     for moment in ("created_at", "enqueued_at"):
         assert ours.pop(moment) and theirs.pop(moment)
     assert theirs.pop("origin") == b"reference" and ours.pop("origin") == b"cancel"
+    # The same data, compressed with a smaller window (jobs.enqueue.compress).
+    assert zlib.decompress(ours.pop("data")) == zlib.decompress(theirs.pop("data"))
     assert ours == theirs
     job = Job.fetch(f"cancel-{request_id}", connection=redis_conn, serializer=JSONSerializer)
     assert (job.func_name, job.args, job.origin, job.retries_left) == ("jobs.cancel.cancel_documents",

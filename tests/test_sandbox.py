@@ -430,6 +430,21 @@ def test_message_errors(b24: Portal) -> None:
     assert b24.control("GET", "messages")[-1]["dialog_id"] == "chat7"
 
 
+def test_dialog_get_answers_members_only(b24: Portal) -> None:
+    chat = b24.ok("im.dialog.get", {"DIALOG_ID": "chat1"})
+    assert chat["id"] == "1" and chat["title"] == "Inventory reports" and chat["type"] == "chat"
+    assert {"owner", "extranet", "avatar", "color", "entity_type", "date_create", "message_type"} <= set(chat)
+    assert b24.ok("im.dialog.get", {"dialog_id": "2"})["type"] == "private"  # any case, as im.* methods
+    assert_error(b24.call("im.dialog.get", {}), 400, "DIALOG_ID_EMPTY", "Dialog ID can't be empty")
+    assert_error(b24.call("im.dialog.get", {"DIALOG_ID": "chat99"}), 400, "ACCESS_ERROR",
+                 "You do not have access to the specified dialog")
+    b24.control("POST", "permissions", {"chat_members": {"chat1": [2]}})
+    assert_error(b24.call("im.dialog.get", {"DIALOG_ID": "chat1"}), 400, "ACCESS_ERROR",
+                 "You do not have access to the specified dialog")
+    b24.control("POST", "permissions", {"scopes": ["catalog"]})
+    assert_error(b24.call("im.dialog.get", {"DIALOG_ID": "chat1"}), 403, "insufficient_scope")
+
+
 def test_private_dialog_and_truncation(b24: Portal) -> None:
     assert isinstance(b24.ok("im.message.add", {"DIALOG_ID": "2", "MESSAGE": "hello"}), int)
     b24.ok("im.message.add", {"DIALOG_ID": "chat1", "MESSAGE": "x" * 25_000})
