@@ -208,12 +208,27 @@ class HeldBack(BaseModel):
     slowed_until: str | None
 
 
+class OfflineQueue(BaseModel):
+    """An installed portal's offline event queue, as the puller saw it (jobs/offline.py)."""
+
+    mode: Literal["reserve", "clear"]
+    last_pull_at: str | None
+    pulled: int
+    confirmed: int
+    requests: int
+    ignored: int
+    unanswered_reads: int
+    waiting_in_stash: int
+    last_error: str | None
+
+
 class PortalView(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
     rules: int
     held_back: HeldBack | None
+    offline: OfflineQueue | None = None
 
 
 class PortalList(BaseModel):
@@ -230,6 +245,7 @@ class HealthDetails(BaseModel):
     workers: int
     queue_depth: dict[str, int]
     portals_held_back: dict[str, HeldBack]
+    offline_queues: dict[str, OfflineQueue]
 
 
 # -- what Bitrix24 sends (form-encoded, PHP-style keys) ------------------------------------------------

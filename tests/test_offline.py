@@ -237,7 +237,7 @@ def test_sandbox_offline_queue_methods_as_documented(sandbox: devenv.Process) ->
     again_first = call("event.offline.get", clear=0, limit=3, process_id=first["process_id"]).json()["result"]
     assert {r["ID"] for r in again_first["events"]} >= ids_first
     # clear confirms only the named ids of that process_id; error marks failures, skipped unless asked.
-    named = sorted(ids_first)[0]
+    named = min(ids_first)
     assert call("event.offline.clear", process_id=first["process_id"], id=[named]).json()["result"] is True
     assert named not in {r["ID"] for r in queue_view(portal)["records"]}
     mid = second["events"][0]["MESSAGE_ID"]
