@@ -151,7 +151,8 @@ def build(public_url: str | None = None) -> dict[str, Any]:
             "summary": "A Bitrix24 outgoing event",
             "description": "Form-encoded, PHP-style keys, as Bitrix24 sends it. Verified by the portal's "
                            "application token in `auth[application_token]` (a form field, so it is described in "
-                           "the body, not as a security scheme). A rule of the portal decides what to cancel.",
+                           "the body, not as a security scheme). A rule of the portal decides what to cancel; "
+                           "ONOFFLINEEVENT enqueues a pull of the installed portal's offline event queue.",
             "security": [],
             "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
                 "schema": schemas.EventForm}}},

@@ -166,7 +166,9 @@ class EventAnswer(BaseModel):
     request_id: str | None = None
     status_url: str | None = None
     duplicate: bool | None = None
-    status: Literal["ignored"] | None = Field(None, description="no rule of the portal names this event")
+    status: Literal["ignored", "pull requested", "pull already waiting"] | None = Field(
+        None, description="`ignored`: no rule of the portal names this event; for ONOFFLINEEVENT, whether a pull of "
+                          "the portal's offline queue was enqueued or one is already waiting")
     message: str | None = None
 
 
@@ -284,12 +286,19 @@ RobotForm = {
 EventForm = {
     "type": "object",
     "description": "A Bitrix24 outgoing event. `auth[application_token]` is the portal's application token "
-                   "(compared in constant time): it is this endpoint's credential, sent in the form.",
-    "required": ["event", "data[FIELDS][ID]", "ts", "auth[member_id]", "auth[application_token]"],
+                   "(compared in constant time): it is this endpoint's credential, sent in the form. "
+                   "`ONOFFLINEEVENT` (an installed portal's offline queue has new records) carries `data[type]`, "
+                   "`data[event]`, `data[handler]` and `data[minTimeout]` instead of `data[FIELDS][ID]`, which "
+                   "every other event needs.",
+    "required": ["event", "ts", "auth[member_id]", "auth[application_token]"],
     "properties": {
         "event": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,100}$", "examples": ["ONCRMDEALUPDATE"],
                   "description": "the event's name (case does not matter)"},
         "data[FIELDS][ID]": {"type": "string", "pattern": "^[0-9]{1,18}$", "examples": ["12"]},
+        "data[type]": {"type": "string", "examples": ["add"], "description": "ONOFFLINEEVENT only"},
+        "data[event]": {"type": "string", "examples": ["ONCRMDEALUPDATE"], "description": "ONOFFLINEEVENT only"},
+        "data[handler]": {"type": "string", "description": "ONOFFLINEEVENT only"},
+        "data[minTimeout]": {"type": "string", "description": "ONOFFLINEEVENT only"},
         "ts": {"type": "string", "pattern": "^[0-9]{1,12}$", "examples": ["1764672000"]},
         "event_handler_id": {"type": "string", "maxLength": 32},
         "auth[domain]": {"type": "string", "examples": ["example.bitrix24.com"]},
