@@ -717,6 +717,11 @@ def portals_from_file(path: Path) -> tuple[dict[str, Portal], dict[str, Caller],
                     message = "unknown key"
                 problems.append(f"{where}: portals.{name}.{loc}: {message}")
             continue
+        offline = [index for index, rule in enumerate(config.rules) if rule.delivery == "offline"]
+        if offline:
+            problems.append(f"{where}: portals.{name}.rules.{offline[0]}.delivery: \"offline\" needs the app "
+                            "(an [[app.rules]] entry): a configured portal's events arrive online")
+            continue
         portals[name] = Portal(
             name=name, webhook_url=config.webhook_url, chat=config.chat,
             application_token=config.application_token, robot_secret=config.robot_secret,

@@ -253,6 +253,7 @@ class Puller:
         events = self.events_of(answer)
         self.conn.hset(self.key, mapping={"last_pull_at": f"{time.time():.3f}"})
         self.conn.hincrby(self.key, "pulled", len(events))
+        self.settle_unanswered_clear(events)
         if not events:
             return 0
         ids = []
@@ -263,12 +264,29 @@ class Puller:
         params: dict[str, Any] = {"process_id": process_id}
         if len(ids) == len(events):
             params["id"] = ids  # exactly these: a late get's records under this process_id stay for the next pass
+        # Noted first: if the clear gets no answer, the next read shows which of these it confirmed.
+        self.conn.hset(self.key, "clearing", json.dumps(ids))
         try:
             self.call("event.offline.clear", params)
         except Bitrix24Error as err:
             raise Stop(f"event.offline.clear: {err.code}: {err.description}") from None
-        self.conn.hincrby(self.key, "confirmed", len(events))
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.hincrby(self.key, "confirmed", len(events))
+        pipe.hdel(self.key, "clearing")
+        pipe.execute()
         return len(events)
+
+    def settle_unanswered_clear(self, events: list[Any]) -> None:
+        """Count what an unanswered clear confirmed: the ids it named that are no longer reserved for us."""
+        raw = self.conn.hget(self.key, "clearing")
+        if raw is None:
+            return
+        named = set(json.loads(raw))
+        still = {str(record.get("ID")) for record in events if isinstance(record, dict)}
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.hincrby(self.key, "confirmed", len(named - still))
+        pipe.hdel(self.key, "clearing")
+        pipe.execute()
 
     def extended(self) -> bool:
         """Whether the plan has reserve/confirm (`feature.get rest_offline_extended`), asked after a refusal."""

@@ -302,6 +302,18 @@ def test_onofflineevent_wakes_a_pull(sandbox: devenv.Process, stack: Callable[..
     wait_for(lambda: redis_conn.hget(offline.state_key(member_id), "last_pull_at"), timeout=30,
              what="the first pull after the install")
     time.sleep(3)
+    # A forged notice (wrong application token, or an unknown portal) is refused and enqueues nothing.
+    state = portal.http.get("/_sandbox/app").json()
+    form = {"event": "ONOFFLINEEVENT", "data[type]": "add", "data[event]": "ONCRMDEALUPDATE",
+            "ts": str(int(time.time())), "auth[domain]": sandbox.url.split("//", 1)[1],
+            "auth[member_id]": member_id, "auth[application_token]": "forged"}
+    jobs_before = redis_conn.lrange("rq:queue:cancel", 0, -1)
+    for forged in (form, {**form, "auth[member_id]": "0" * 32,
+                          "auth[application_token]": state["application_token"]}):
+        answer = httpx.post(f"{service.url}/v1/bitrix24/events", data=forged, timeout=10)
+        assert answer.status_code == 401, answer.text
+    assert redis_conn.lrange("rq:queue:cancel", 0, -1) == jobs_before
+    assert not redis_conn.exists(offline.PENDING_KEY + member_id)
     lose(portal, 31, 7)
     assert_once_each(portal, redis_conn, {31: 7}, timeout=30)
     notices = queue_view(portal)["notices"]
@@ -321,9 +333,10 @@ def test_a_record_read_twice_is_one_request_and_faults_on_get_and_clear_lose_not
     deals = {40 + doc: doc for doc in range(1, 13)}
     for deal, doc in deals.items():
         lose(portal, deal, doc)
-    # The clear is lost once (so the batch is read again and every record submitted twice), the get's answer
-    # is lost once after it reserved, a get is dropped once, and every call is slow for a while.
+    # The clear is dropped once (so the batch is read again and every record submitted twice), then applied with
+    # its answer lost; the get's answer is lost once after it reserved, a get is dropped once, two are slow.
     portal.faults({"kind": "drop", "method": "event.offline.clear", "times": 1},
+                  {"kind": "applied_then_timeout", "method": "event.offline.clear", "times": 1, "seconds": 2},
                   {"kind": "applied_then_timeout", "method": "event.offline.get", "times": 1, "seconds": 2},
                   {"kind": "drop", "method": "event.offline.get", "times": 1},
                   {"kind": "slow", "method": "event.offline.get", "times": 2, "seconds": 0.5})
@@ -331,7 +344,7 @@ def test_a_record_read_twice_is_one_request_and_faults_on_get_and_clear_lose_not
     assert_once_each(portal, redis_conn, deals, timeout=90)
     queue_empty(portal)
     clears = portal.calls("event.offline.clear")
-    assert any(c["fault"] == "drop" for c in clears) and any(c["applied"] for c in clears)
+    assert {c["fault"] for c in clears} >= {"drop", "applied_then_timeout"} and any(c["applied"] for c in clears)
     gets = portal.calls("event.offline.get")
     assert {c["fault"] for c in gets} >= {"applied_then_timeout", "drop"}
     state = {k.decode(): v.decode() for k, v in redis_conn.hgetall(offline.state_key(member_id)).items()}
@@ -440,3 +453,25 @@ def test_a_plan_that_loses_reserve_switches_to_clear_1_and_bad_records_are_confi
     assert 'outcome="malformed"' in metrics and 'outcome="no_rule"' in metrics
     [shown] = [p for p in service.http.get("/v1/portals").json()["portals"] if p.get("offline")]
     assert shown["offline"]["mode"] == "clear" and shown["offline"]["ignored"] == 2
+
+
+def test_offline_delivery_is_refused_for_a_configured_portal(tmp_path: Path) -> None:
+    from settings import SettingsError, portals_from_file
+
+    path = tmp_path / "portals.toml"
+    path.write_text(textwrap.dedent("""
+        [portals.shop]
+        webhook_url = "https://shop.bitrix24.com/rest/1/xxxxxxxx/"
+        chat = "chat42"
+
+        [[portals.shop.rules]]
+        event = "ONCRMDEALUPDATE"
+        read = "crm.item.get"
+        documents_field = "ufCrm_InventoryDocs"
+        delivery = "offline"
+    """))
+    with pytest.raises(SettingsError, match=r"portals\.shop\.rules\.0\.delivery: \"offline\" needs the app"):
+        portals_from_file(path)
+    path.write_text(path.read_text().replace('delivery = "offline"', 'delivery = "online"'))
+    portals, _, _ = portals_from_file(path)
+    assert portals["shop"].rules[0]["delivery"] == "online"
