@@ -291,6 +291,9 @@ EventForm = {
                    "`data[event]`, `data[handler]` and `data[minTimeout]` instead of `data[FIELDS][ID]`, which "
                    "every other event needs.",
     "required": ["event", "ts", "auth[member_id]", "auth[application_token]"],
+    "if": {"properties": {"event": {"const": "ONOFFLINEEVENT"}}},
+    "then": {"required": ["data[type]", "data[event]"]},
+    "else": {"required": ["data[FIELDS][ID]"]},
     "properties": {
         "event": {"type": "string", "pattern": "^[A-Za-z0-9_.]{1,100}$", "examples": ["ONCRMDEALUPDATE"],
                   "description": "the event's name (case does not matter)"},

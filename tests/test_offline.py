@@ -475,3 +475,38 @@ def test_offline_delivery_is_refused_for_a_configured_portal(tmp_path: Path) -> 
     path.write_text(path.read_text().replace('delivery = "offline"', 'delivery = "online"'))
     portals, _, _ = portals_from_file(path)
     assert portals["shop"].rules[0]["delivery"] == "online"
+
+
+def test_a_pass_stopped_after_some_submits_leaves_the_batch_reserved_and_the_next_one_finishes_it(
+        sandbox: devenv.Process, stack: Callable[..., Stack], redis_conn: redis.Redis) -> None:
+    from jobs import records
+
+    portal = SandboxView(sandbox.url)
+    prepare(portal)
+    service = stack(workers=1)
+    member_id = install(portal, service)
+    for proc in service.workers:
+        proc.kill_tree()
+    service.workers = []
+    deals = {140 + doc: doc for doc in range(1, 7)}
+    for deal, doc in deals.items():
+        lose(portal, deal, doc)
+    # The fourth record's idempotency key is unreadable (a Redis error on its submit): the pass stops after
+    # three submits, before the clear, as a pass killed there would.
+    fourth = sorted(queue_view(portal)["records"], key=lambda r: int(r["ID"]))[3]
+    poisoned = records.idempotency_key(f"app-{member_id}", "event", "bitrix24",
+                                       f"offline|{fourth['MESSAGE_ID']}|{fourth['ID']}")
+    redis_conn.set(poisoned, "not a hash")
+    service.worker()
+    wait_for(lambda: redis_conn.hget(offline.state_key(member_id), "last_error"), timeout=30,
+             what="the pass to stop at the fourth record")
+    view = queue_view(portal)
+    assert len(view["records"]) == 6 and len(view["reserved"]) == 1  # nothing lost, the batch still reserved
+    [process_id] = view["reserved"]
+    assert redis_conn.hget(offline.state_key(member_id), "process_id") == process_id.encode()
+    made = [r for r in requests_of(redis_conn) if r.get("delivery") == "offline"]
+    assert len(made) == 3
+    assert not portal.calls("event.offline.clear")
+    redis_conn.delete(poisoned)  # the transient failure is over: the next scheduled pass finishes the batch
+    assert_once_each(portal, redis_conn, deals, timeout=60)
+    queue_empty(portal)
