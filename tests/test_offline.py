@@ -256,6 +256,23 @@ def test_sandbox_offline_queue_methods_as_documented(sandbox: devenv.Process) ->
     assert call("feature.get").json()["error"] == "CODE_EMPTY"
 
 
+def test_sandbox_parallel_offline_gets_receive_disjoint_batches(sandbox: devenv.Process) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    portal = SandboxView(sandbox.url)
+    portal.http.post("/_sandbox/config", json={"rate": 100, "burst": 2000}).raise_for_status()
+    portal.http.post("/_sandbox/app/install", json={"url": "http://127.0.0.1:9/none"})
+    call = oauth(portal)
+    assert call("event.bind", event="ONCRMDEALUPDATE", event_type="offline").json()["result"] is True
+    for deal in range(1, 41):
+        lose(portal, deal, 1)
+    with ThreadPoolExecutor(8) as pool:
+        batches = list(pool.map(lambda _: call("event.offline.get", clear=0, limit=5).json()["result"], range(8)))
+    ids = [record["ID"] for batch in batches for record in batch["events"]]
+    assert len(ids) == 40 and len(set(ids)) == 40
+    assert len({batch["process_id"] for batch in batches}) == 8
+
+
 # ---- the service -----------------------------------------------------------------------------------------
 
 def test_records_queued_while_the_service_is_down_are_all_pulled_after_a_restart(
