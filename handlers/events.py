@@ -3,7 +3,9 @@
 The portal is found by auth[member_id] or auth[domain]; auth[application_token] is compared in constant
 time with that portal's token. A portal that installed the app is checked against its stored token and
 domain inside the submit's own Redis round trip (jobs/enqueue.py), so an app event costs no extra trip.
-Unknown portal and wrong token get the same 401, so portals cannot be probed. Nothing here calls Bitrix24: a matching event becomes a resolve job that reads the object and
+`ONOFFLINEEVENT` (an installed portal's offline queue has new records) enqueues a pull of that queue
+(jobs/offline.py) once its application token checks out. Unknown portal and wrong token get the same 401, so
+portals cannot be probed. Nothing here calls Bitrix24: a matching event becomes a resolve job that reads the object and
 applies the portal's rules.
 """
 
