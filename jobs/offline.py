@@ -167,7 +167,7 @@ def pull_offline(member_id: str, why: str = "notice") -> dict[str, Any] | Retry:
     lease.start_heartbeat()
     current = _current_lease.set(lease)
     try:
-        return Puller(conn, ctx, portal, member_id).run()
+        result = Puller(conn, ctx, portal, member_id).run()
     except LeaseLost:
         log.warning("offline pass stopped: its lease was lost", extra={"portal": portal.name})
         return {"stopped": "lease lost"}
@@ -175,6 +175,9 @@ def pull_offline(member_id: str, why: str = "notice") -> dict[str, Any] | Retry:
         _current_lease.reset(current)
         lease.stop_heartbeat()
         lease.release()
+    if result.get("more"):
+        request_pull(conn, member_id)  # a long queue: the next pass follows at once, under its own lease
+    return result
 
 
 def _next_poll(conn: redis.Redis, member_id: str, poll: int) -> None:
@@ -215,6 +218,8 @@ class Puller:
                 self.done["batches"] += 1
                 if count < LIMIT:
                     break
+            else:
+                self.done["more"] = 1
         except Stop as stop:
             self.conn.hset(self.key, mapping={"last_error": str(stop), "last_error_at": f"{time.time():.3f}"})
             log.warning("offline pass stopped; the rest waits for the next pass",
