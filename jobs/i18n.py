@@ -18,7 +18,7 @@ LOCALE_DIR = Path(__file__).resolve().parent / "locale"
 DOMAIN = "messages"
 
 
-def N_(text: str) -> str:  # noqa: N802 (the gettext convention Babel extracts with `-k N_`)
+def N_(text: str) -> str:
     """Mark a text for translation where it is defined; it is translated where it is shown."""
     return text
 
