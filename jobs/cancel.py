@@ -32,7 +32,7 @@ from jobs.claims import Claims
 from jobs.context import job_connection, worker_context
 from jobs.durability import durable
 from jobs.enqueue import enqueue_followup
-from jobs.i18n import N_
+from jobs.details import CONFIRMED_BY_READ, NO_SUCH_NUMBER, NOT_VISIBLE, PORTAL_GONE, PORTAL_REFUSED, UNANSWERED
 from jobs.lifecycle import Lease, defer, exclusively, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
@@ -40,15 +40,6 @@ log = logging.getLogger("b24cancel.jobs")
 # `responsibleId` comes with the same reads: the report mentions that user when a document needs a person.
 DOCUMENT_FIELDS = ["id", "docType", "docNumber", "title", "status", "responsibleId"]
 CONDUCTED = "Y"
-
-# The service's own details of an outcome (the request status shows them; the report translates them).
-NOT_VISIBLE = N_("the document is not visible to the webhook user")
-NO_SUCH_NUMBER = N_("no document with this number is visible to the webhook user")
-PORTAL_GONE = N_("the portal is no longer configured in the service")
-CONFIRMED_BY_READ = N_("confirmed by re-reading once the unanswered call could no longer be running")
-PORTAL_REFUSED = N_("the portal refused")
-UNANSWERED = N_("the last cancel got no answer: check the document in the portal")
-OWN_DETAILS = frozenset({NOT_VISIBLE, NO_SUCH_NUMBER, PORTAL_GONE, CONFIRMED_BY_READ, PORTAL_REFUSED})
 
 
 @dataclass

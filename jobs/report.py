@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from jobs.cancel import OWN_DETAILS, UNANSWERED
+from jobs.details import OWN_DETAILS, UNANSWERED, translated
 from jobs.i18n import N_, catalog
 from settings import Portal
 
@@ -119,7 +119,8 @@ def render(record: dict[str, Any], portal: Portal, round_: int, nonce: str) -> s
     lines = [f"[b]{headline}[/b]" + (f" ({tally})" if tally else "")]
     if event_failed:
         error, todo = _("Error"), _("What to do")
-        lines.append(f"{error}: {sentence(_plain(record['error']))}")
+        said = translated(str(record["error"]), _)
+        lines.append(f"{error}: {sentence(_capital(said) if said is not None else _plain(record['error']))}")
         lines.append(f"{todo}: {_(EVENT_FAILED_HINT)}")
     if request.get("reason"):
         reason = _("Reason")
@@ -161,7 +162,8 @@ def document_lines(doc: dict[str, Any], portal: Portal, _: Callable[[str], str])
         lines.append(INDENT + _("Bitrix24 answered") + f": {sentence(_plain(detail))}")
     elif outcome == "failed" and detail:
         said, unanswered = _split_unanswered(detail)
-        text = _capital(_(said)) if said in OWN_DETAILS else _plain(said)
+        ours = translated(said, _)
+        text = _capital(_plain(ours)) if ours is not None else _plain(said)
         lines.append(INDENT + _("Error") + f": {sentence(text)}")
         if unanswered:
             lines.append(f"{INDENT}{sentence(_capital(_(UNANSWERED)))}")

@@ -18,7 +18,7 @@ from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 
 from bitrix24.errors import ADVICE
-from jobs import cancel, report
+from jobs import details, report
 from jobs.i18n import LOCALE_DIR, catalog
 from sandbox.texts import MESSAGES as SANDBOX_TEXTS
 from settings import LANGUAGES, Portal, SettingsError, load_settings
@@ -31,6 +31,7 @@ PORTAL_TITLE = "Adjustment 5: desk lamps"
 PORTAL_REFUSAL = "Insufficient permissions to save the document"
 PORTAL_FAILURE = "INTERNAL_SERVER_ERROR: Internal server error"
 REASON = "RMA-1 returned"
+READ_ERROR = "crm.item.get: NOT_FOUND HTTP 400: Element not found"
 BB_TAGS = re.compile(r"\[/?([a-z]+)(?:=[^\]]*)?\]", re.IGNORECASE)
 ALLOWED_TAGS = {"b", "color", "url", "user"}  # all in the reference's §6 list
 
@@ -46,16 +47,18 @@ def every_outcome() -> dict[str, Any]:
         {"id": 1, "outcome": "cancelled", "title": "Arrival 1", "docType": "A", "responsibleId": 11},
         {"id": 2, "outcome": "already_not_conducted", "title": "Moving 2", "docType": "M", "detail": "status C",
          "responsibleId": 12},
-        {"id": 3, "outcome": "not_found", "detail": cancel.NOT_VISIBLE},
-        {"id": None, "number": "DOC-0404", "outcome": "not_found", "detail": cancel.NO_SUCH_NUMBER},
+        {"id": 3, "outcome": "not_found", "detail": details.NOT_VISIBLE},
+        {"id": None, "number": "DOC-0404", "outcome": "not_found", "detail": details.NO_SUCH_NUMBER},
         {"id": 5, "outcome": "refused", "title": PORTAL_TITLE, "docType": "S", "detail": PORTAL_REFUSAL,
          "responsibleId": 15},
         {"id": 6, "outcome": "failed", "title": "Return 6", "docType": "R", "responsibleId": 16,
-         "detail": f"{PORTAL_FAILURE} ({cancel.UNANSWERED})"},
+         "detail": f"{PORTAL_FAILURE} ({details.UNANSWERED})"},
         {"id": 7, "outcome": "failed", "title": "Write-off 7", "docType": "D", "responsibleId": 17,
          "detail": "NO_AUTH_FOUND: Wrong authorization data", "advice": ADVICE["NO_AUTH_FOUND"]},
         {"id": 8, "outcome": None, "title": "Arrival 8", "docType": "A", "responsibleId": 18},
-        {"id": 9, "outcome": "failed", "title": "Arrival 9", "docType": "A", "detail": cancel.PORTAL_GONE},
+        {"id": 9, "outcome": "failed", "title": "Arrival 9", "docType": "A", "detail": details.PORTAL_GONE},
+        {"id": 10, "outcome": "failed", "responsibleId": 20,
+         "detail": details.STOPPED.format(stage="cancel", why="JobTimeoutException") + f" ({details.UNANSWERED})"},
     ]
     return {"id": "f" * 32, "request": {"portal": "shop", "source": "robot", "reason": REASON,
                                          "external_id": "RMA-1"}, "documents": docs}
@@ -90,8 +93,10 @@ ENGLISH_WORDS = english_words()
 def without_portal_text(text: str) -> str:
     """The report minus what came from outside (titles, the portal's words, the reason), BB codes and the nonce."""
     for given in (PORTAL_TITLE, PORTAL_REFUSAL, PORTAL_FAILURE, "Wrong authorization data", REASON, "NO_AUTH_FOUND",
-                  "Arrival 1", "Moving 2", "Return 6", "Write-off 7", "Arrival 8", "Arrival 9", "RMA-1", "n0nce"):
+                  "Arrival 1", "Moving 2", "Return 6", "Write-off 7", "Arrival 8", "Arrival 9", "RMA-1", "n0nce",
+                  "JobTimeoutException", READ_ERROR, "ONCRMDEALUPDATE"):
         text = text.replace(given, "")
+    text = re.sub(r"`[^`]*`", "", text)  # names an operator types: the `cancel` job, `rq requeue`
     return BB_TAGS.sub("", text)
 
 
@@ -155,10 +160,11 @@ def test_every_outcome_renders_with_its_parts_on_lines_of_their_own(language: st
     _ = catalog(language).gettext
     text = report.render(every_outcome(), portal(language), 2, "n0nce")
     blocks = document_blocks(text)
-    assert set(blocks) == {"#1", "#2", "#3", "DOC-0404", "#5", "#6", "#7", "#8", "#9"}
+    assert set(blocks) == {"#1", "#2", "#3", "DOC-0404", "#5", "#6", "#7", "#8", "#9", "#10"}
     outcome = {label: _(report.OUTCOME_NAMES[o]) for label, o in
                [("#1", "cancelled"), ("#2", "already_not_conducted"), ("#3", "not_found"), ("DOC-0404", "not_found"),
-                ("#5", "refused"), ("#6", "failed"), ("#7", "failed"), ("#8", "pending"), ("#9", "failed")]}
+                ("#5", "refused"), ("#6", "failed"), ("#7", "failed"), ("#8", "pending"), ("#9", "failed"),
+                ("#10", "failed")]}
     for label, lines in blocks.items():
         assert lines[0].endswith("[/color][/b]") and f"{outcome[label]}[/color][/b]" in lines[0], lines[0]
         for detail in lines[1:]:
@@ -172,11 +178,14 @@ def test_every_outcome_renders_with_its_parts_on_lines_of_their_own(language: st
     assert blocks["#5"][2] == f"{report.INDENT}{todo}: {_(report.REFUSED_HINT)}"
     assert blocks["#3"][1:] == [f"{report.INDENT}{todo}: {_(report.NOT_FOUND_HINT)}"]  # our own detail: not repeated
     assert blocks["#6"][1] == f"{report.INDENT}{error}: {PORTAL_FAILURE}."
-    note = _(cancel.UNANSWERED)
+    note = _(details.UNANSWERED)
     assert blocks["#6"][2] == f"{report.INDENT}{note[:1].upper()}{note[1:]}."
     assert blocks["#7"][2] == f"{report.INDENT}{todo}: {_(ADVICE['NO_AUTH_FOUND'])}"
-    gone = _(cancel.PORTAL_GONE)
+    gone = _(details.PORTAL_GONE)
     assert blocks["#9"][1] == f"{report.INDENT}{error}: {gone[:1].upper()}{gone[1:]}."
+    stopped = _(details.STOPPED).format(stage="cancel", why="JobTimeoutException")
+    assert blocks["#10"][1:3] == [f"{report.INDENT}{error}: {stopped[:1].upper()}{stopped[1:]}.",
+                                  f"{report.INDENT}{note[:1].upper()}{note[1:]}."]
     kinds = [_(report.DOC_TYPES[t]) for t in "ASMRD"]
     assert all(f"({kind}): " in text for kind in kinds)
     assert text.splitlines()[-1] == report.request_line("f" * 32, 2, "n0nce", language)
@@ -194,9 +203,9 @@ def test_a_translated_report_has_no_english_left_but_the_portals_own_words(langu
 @pytest.mark.parametrize("language", LANGUAGES)
 def test_mentions_go_exactly_to_the_responsible_users_of_refused_and_failed_documents(language: str) -> None:
     text = report.render(every_outcome(), portal(language), 1, "n0nce")
-    assert re.findall(r"\[user=(\d+)\]", text) == ["15", "16", "17"]  # refused 5, failed 6 and 7 (9 has no one)
+    assert re.findall(r"\[user=(\d+)\]", text) == ["15", "16", "17", "20"]  # refused 5, failed 6, 7, 10 (9: no one)
     blocks = document_blocks(text)
-    for label in ("#5", "#6", "#7"):
+    for label in ("#5", "#6", "#7", "#10"):
         assert sum("[user=" in line for line in blocks[label]) == 1 and "[user=" in blocks[label][-1]
     quiet = report.render(every_outcome(), portal(language, mention="none"), 1, "n0nce")
     assert "[user=" not in quiet
@@ -210,13 +219,34 @@ def test_the_first_line_colours_each_count_and_only_listed_bb_codes_are_used(lan
     text = report.render(every_outcome(), portal(language), 1, "n0nce")
     first = text.splitlines()[0]
     expected = [("cancelled", report.GREEN, 1), ("already_not_conducted", report.GREY, 1),
-                ("not_found", report.GREY, 2), ("refused", report.RED, 1), ("failed", report.RED, 3),
+                ("not_found", report.GREY, 2), ("refused", report.RED, 1), ("failed", report.RED, 4),
                 ("pending", report.GREY, 1)]
     assert first.startswith("[b]" + _("Cancelling inventory documents: some need attention") + "[/b] (")
     for name, colour, count in expected:
         assert f"[color={colour}]{_(report.OUTCOME_NAMES[name])}: {count}[/color]" in first
     assert {tag.lower() for tag in BB_TAGS.findall(text)} <= ALLOWED_TAGS
     assert text.count("[color=") == text.count("[/color]") and text.count("[b]") == text.count("[/b]")
+
+
+def event_failed() -> dict[str, Any]:
+    return {"id": "e" * 32, "documents": [], "error": details.READ_FAILED.format(error=READ_ERROR),
+            "request": {"portal": "shop", "source": "event", "event": "ONCRMDEALUPDATE", "object_id": 77},
+            "resolution": {"event": "ONCRMDEALUPDATE", "object_id": 77, "link_key": "crm.item.get:2"}}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_an_event_whose_object_was_not_read_is_reported_in_the_language_with_the_portals_words(language: str) -> None:
+    _ = catalog(language).gettext
+    text = report.render(event_failed(), portal(language), 1, "n0nce")
+    lines = text.splitlines()
+    said = _(details.READ_FAILED).format(error=READ_ERROR)
+    assert lines[0] == "[b]" + _("Could not read the object of a Bitrix24 event") + "[/b]"
+    assert lines[1] == _("Error") + f": {said[:1].upper()}{said[1:]}."
+    assert lines[2] == _("What to do") + ": " + _(report.EVENT_FAILED_HINT)
+    assert "[url=https://shop.bitrix24.com/crm/deal/details/77/]ONCRMDEALUPDATE 77[/url]" in text
+    if language != "en":
+        leftovers = words(without_portal_text(text)) & ENGLISH_WORDS - catalog_words(language)
+        assert not leftovers, f"{language}: English words in the report: {sorted(leftovers)}\n{text}"
 
 
 # ---- clean lines for every text the sandbox portal knows ---------------------------------------------------
