@@ -30,9 +30,16 @@ from bitrix24.errors import OPERATING_LIMITED, RATE_LIMITED, Bitrix24Error, Thro
 from jobs import policy, records
 from jobs.claims import Claims
 from jobs.context import job_connection, worker_context
+from jobs.details import (
+    CONFIRMED_BY_READ,
+    NO_SUCH_NUMBER,
+    NOT_VISIBLE,
+    PORTAL_GONE,
+    PORTAL_REFUSED,
+    UNANSWERED,
+)
 from jobs.durability import durable
 from jobs.enqueue import enqueue_followup
-from jobs.details import CONFIRMED_BY_READ, NO_SUCH_NUMBER, NOT_VISIBLE, PORTAL_GONE, PORTAL_REFUSED, UNANSWERED
 from jobs.lifecycle import Lease, defer, exclusively, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
