@@ -9,7 +9,7 @@ The texts are gettext messages (English ids, catalogs in jobs/locale, see jobs/i
     • [url=...]#5 Title[/url] (Stock adjustment): [b][color=#d32f2f]refused[/color][/b]
         Bitrix24 answered: <the portal's words, as one sentence>
         What to do: <our advice>
-        Responsible: [user=7]responsible person[/user]
+        Responsible: [user=7]user 7[/user]
 
     Request #<id> · <nonce>
 
@@ -174,7 +174,8 @@ def document_lines(doc: dict[str, Any], portal: Portal, _: Callable[[str], str])
         lines.append(INDENT + _("What to do") + f": {sentence(hint)}")
     responsible = doc.get("responsibleId")
     if portal.mention == "responsible" and outcome in NEEDS_A_PERSON and isinstance(responsible, int):
-        who = _("responsible person")
+        # Bitrix24 shows a mention as the user's name; the text inside names them where it cannot
+        who = _("user {id}").format(id=responsible)
         lines.append(INDENT + _("Responsible") + f": [user={responsible}]{who}[/user]")
     return lines
 

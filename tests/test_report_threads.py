@@ -194,7 +194,7 @@ def test_a_refused_document_mentions_its_responsible_unless_the_portal_says_none
     refused = lines.index(next(line for line in lines if line.startswith("• ") and "#30 " in line))
     assert lines[refused + 1] == "    Bitrix24 answered: Insufficient permissions to save the document."
     assert lines[refused + 2].startswith("    What to do: Check the webhook user's rights")
-    assert lines[refused + 3] == "    Responsible: [user=3]responsible person[/user]"
+    assert lines[refused + 3] == "    Responsible: [user=3]user 3[/user]"
     assert english["message"].count("[user=") == 1  # not for the cancelled document 31
     assert "abgelehnt" in german["message"] and "Bestandsverwaltung" in german["message"]
     assert "[user=" not in german["message"]  # mention = "none"
