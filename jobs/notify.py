@@ -152,8 +152,12 @@ def final_state(record: dict[str, Any]) -> str:
 
 
 def thread_of(record: dict[str, Any]) -> str | None:
-    """The id of the request's first report, which every later report replies to (None before it is posted)."""
-    first = str(record.get("first_message_id") or "")
+    """The id of the request's first report, which every later report replies to (None before it is posted).
+
+    A record written before threads has only the last report's id (`message_id`, of an earlier round while
+    a new round is reported): its reports go on under that one.
+    """
+    first = str(record.get("first_message_id") or record.get("message_id") or "")
     return first if first.isdigit() else None
 
 
