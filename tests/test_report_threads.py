@@ -198,3 +198,11 @@ def test_a_refused_document_mentions_its_responsible_unless_the_portal_says_none
     assert english["message"].count("[user=") == 1  # not for the cancelled document 31
     assert "abgelehnt" in german["message"] and "Bestandsverwaltung" in german["message"]
     assert "[user=" not in german["message"]  # mention = "none"
+
+
+def test_the_thread_is_the_first_report_or_for_an_older_record_its_last_one() -> None:
+    from jobs.notify import thread_of
+
+    assert thread_of({"first_message_id": "7", "message_id": "9"}) == "7"
+    assert thread_of({"message_id": "9"}) == "9"  # written before threads: the earlier round's report
+    assert thread_of({}) is None and thread_of({"first_message_id": "x"}) is None
