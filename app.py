@@ -43,12 +43,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
                              socket_connect_timeout=REDIS_CONNECT_TIMEOUT, health_check_interval=REDIS_HEALTH_CHECK)
     app.extensions["b24cancel"] = Services.build(settings, conn)
 
-    from handlers import api, events, health, robot
+    from handlers import api, events, health, openapi, robot
 
     app.register_blueprint(api.bp)
     app.register_blueprint(robot.bp)
     app.register_blueprint(events.bp)
     app.register_blueprint(health.bp)
+    openapi.init_app(app)
     register_errors(app)
     commands.init_app(app)
     # Bodies are read (and limited, however they are framed) before Flask sees the request.
@@ -65,11 +66,13 @@ def register_errors(app: Flask) -> None:
         return exc.reply()
 
     @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
+    def http_error(exc: HTTPException) -> tuple[dict[str, Any], int, dict[str, str]]:
         status = exc.code or 500
         message = f"the body is larger than {MAX_BODY_BYTES // 1024} KiB" if status == 413 else (
             exc.description or exc.name)
-        return {"error": ERROR_NAMES.get(status, "error"), "message": message}, status
+        # Keep what the exception says in headers (405's Allow), not its HTML content type.
+        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
+        return {"error": ERROR_NAMES.get(status, "error"), "message": message}, status, headers
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[dict[str, Any], int]:

@@ -36,6 +36,8 @@ from gunicorn.http.message import Request
 from gunicorn.http.parser import RequestParser
 from gunicorn.workers import gthread
 
+# Where BodyLimit leaves the body it read, as bytes, in the WSGI environ.
+BODY_KEY = "b24cancel.body"
 # Largest request body we read (the intake refuses larger ones with 413, however they are framed).
 MAX_BODY_BYTES = 64 * 1024
 # Longest request line (method, URL, version). The largest robot call (README, "Bitrix24 robot": 500
@@ -106,6 +108,7 @@ class BodyLimit:
         if len(data) > self.limit:
             return too_large
         environ["wsgi.input"] = io.BytesIO(data)
+        environ[BODY_KEY] = data  # the handlers parse these bytes, not werkzeug's stream wrappers over them
         environ["CONTENT_LENGTH"] = str(len(data))
         # The body is now a plain stream of known length: the app must not read past it.
         environ["wsgi.input_terminated"] = False

@@ -1,6 +1,6 @@
 """`python -m bench` (what `make bench` runs after installing wrk): every benchmark, one after the other.
 
-`python -m bench NAME ...` runs the named ones only (intake, latency, worker, limits, events, sandbox, slowloris, chaos).
+`python -m bench NAME ...` runs the named ones only (intake, latency, worker, limits, events, sandbox, slowloris, contract, chaos).
 Each starts its own processes on free loopback ports, stops them by PID, and prints its figures and
 ratios as its last lines.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("intake", "latency", "worker", "limits", "events", "sandbox", "slowloris", "chaos")
+BENCHES = ("intake", "latency", "worker", "limits", "events", "sandbox", "slowloris", "contract", "chaos")
 
 
 def main(names: list[str]) -> int:

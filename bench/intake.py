@@ -39,6 +39,7 @@ import re
 import resource
 import runpy
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -569,6 +570,10 @@ def report(all_runs: dict[str, list[AppRun]], args: argparse.Namespace, settings
         else:
             print(f"{name:<7}{'failed':>10}")
     print(f"ratio ours/bare = {vs_bare:.2f}" if vs_bare is not None else "ratio ours/bare = n/a")
+    paired = paired_ratios(all_runs.get("ours", []), all_runs.get("bare", []))
+    if len(paired) > 1:
+        print("ratio ours/bare per round (each round's runs back to back): "
+              + ", ".join(f"{value:.2f}" for value in paired) + f"; median {statistics.median(paired):.2f}")
     print(f"ratio ours/naive = {vs_naive:.2f}" if vs_naive is not None else "ratio ours/naive = n/a")
     if "replica" in all_runs:
         for base in ("ours", "bare", "naive"):
@@ -584,6 +589,13 @@ def report(all_runs: dict[str, list[AppRun]], args: argparse.Namespace, settings
           + (f", GUNICORN_CMD_ARGS={cmd_args!r}" if cmd_args else ""))
     ok = not failed and all(checks) and all(v == 0 for v in non2xx.values())
     return 0 if ok else 1
+
+
+def paired_ratios(ours: list[Any], bare: list[Any]) -> list[float]:
+    """ours/bare req/s within each round: the two ran seconds apart, so a machine that got slower or faster
+    between rounds moves both (a steadier figure on a shared machine than the ratio of medians)."""
+    return [o.result.rps / b.result.rps for o, b in zip(ours, bare, strict=False)
+            if o.result and b.result and b.result.rps]
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ STEPS = [
     ("  Flask.wsgi_app (the app's share)", "flask/app.py", "wsgi_app"),
     ("    view handlers/api.py:cancel", "handlers/api.py", "cancel"),
     ("      authenticate_trigger", "handlers/intake.py", "authenticate_trigger"),
-    ("      parse_json_object", "handlers/intake.py", "parse_json_object"),
+    ("      parse_cancel_body", "handlers/intake.py", "parse_cancel_body"),
     ("      choose_portal", "handlers/intake.py", "choose_portal"),
     ("      cancel_request (validation)", "handlers/intake.py", "cancel_request"),
     ("      idempotency_key", "handlers/intake.py", "idempotency_key"),

@@ -15,7 +15,7 @@ from handlers.intake import (
     choose_portal,
     held_back,
     idempotency_key,
-    parse_json_object,
+    parse_cancel_body,
     require_admin,
     services,
     submit,
@@ -34,8 +34,8 @@ def cancel() -> Reply:
     """Accept a request to cancel documents: authenticate -> validate -> submit -> 202."""
     svc = services()
     caller = authenticate_trigger(request, svc, signed=True)
-    body = parse_json_object(request)
-    portal = choose_portal(svc, body.get("portal"), caller)
+    body = parse_cancel_body(request)
+    portal = choose_portal(svc, body.portal, caller)
     request_ = cancel_request(body, portal, source="api", caller=caller)
     return submit(svc, request_, idempotency_key(request), caller=caller)
 

@@ -22,7 +22,7 @@ bp = Blueprint("events", __name__)
 # Plain ASCII digits only (used with fullmatch); the value is normalized (int) before the idempotency key.
 OBJECT_ID = re.compile(r"[0-9]{1,18}", re.ASCII)
 TIMESTAMP = re.compile(r"[0-9]{1,12}", re.ASCII)
-EVENT_NAME = re.compile(r"[A-Z0-9_.]{1,100}", re.ASCII)
+EVENT_NAME = re.compile(r"[A-Za-z0-9_.]{1,100}", re.ASCII)
 # Longest event_handler_id stored on the record (Bitrix24 sends a small integer); longer is refused.
 MAX_HANDLER_ID = 32
 # Compared against when the portal is unknown, so both refusals take the same time.
@@ -48,23 +48,24 @@ def event() -> Reply:
         raise IntakeError(401, UNAUTHORIZED)
     if portal.oauth is not None and "auth[access_token]" in form:
         keep_app_tokens(svc.redis, portal, form)
-    name = form.get("event", "").strip().upper()
-    raw_id = form.get("data[FIELDS][ID]", "").strip()
+    name = form.get("event", "")
+    raw_id = form.get("data[FIELDS][ID]", "")
+    raw_ts = form.get("ts", "")
     if not EVENT_NAME.fullmatch(name):
         raise IntakeError(400, "event is missing or malformed", "event")
+    name = name.upper()
     if not OBJECT_ID.fullmatch(raw_id):
         raise IntakeError(400, "data[FIELDS][ID] must be an object id (ASCII digits)", "data[FIELDS][ID]")
+    if not TIMESTAMP.fullmatch(raw_ts):
+        raise IntakeError(400, "ts must be the event's unix time (ASCII digits)", "ts")
+    if len(form.get("event_handler_id") or "") > MAX_HANDLER_ID:
+        raise IntakeError(400, f"event_handler_id is longer than {MAX_HANDLER_ID} characters", "event_handler_id")
     object_id = str(int(raw_id))  # "05" and "5" are one object, so one idempotency key
     if not any(rule["event"] == name for rule in portal.rules):
         # A name no rule names is counted as "other": senders never create metric labels.
         count_event(portal.name, "other", "no_rule")
         return {"status": "ignored", "message": f"no rule for {name} on portal {portal.name}"}, 200
-    raw_ts = form.get("ts", "").strip()
-    if not TIMESTAMP.fullmatch(raw_ts):
-        raise IntakeError(400, "ts must be the event's unix time (ASCII digits)", "ts")
     ts = str(int(raw_ts))
-    if len(form.get("event_handler_id") or "") > MAX_HANDLER_ID:
-        raise IntakeError(400, f"event_handler_id is longer than {MAX_HANDLER_ID} characters", "event_handler_id")
     request_: dict[str, Any] = {"portal": portal.name, "source": "event", "event": name,
                                 "object_id": int(object_id), "ts": ts,
                                 "event_handler_id": form.get("event_handler_id")}

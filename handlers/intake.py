@@ -11,11 +11,13 @@ from typing import Any
 
 import redis
 from flask import Request, current_app
+from pydantic import ValidationError
 from redis import Redis
 from standardwebhooks.webhooks import Webhook
 
 from bitrix24.auth import offer_tokens
 from bitrix24.limits import LeakyBucket, OperatingBudget
+from handlers.schemas import CancelBody, first_error
 from jobs import policy, records
 from jobs.durability import NotReplicated
 from jobs.enqueue import Submitter
@@ -31,17 +33,12 @@ from settings import (
     key_sha256,
     pick_portal,
 )
+from transport import BODY_KEY
 
 log = logging.getLogger("b24cancel.web")
 
-# Longest reason / external id / number we store and show; longer ones are refused, not cut.
-MAX_REASON = 1000
-MAX_REFERENCE = 200
-# Bitrix24 ids are 32-bit signed integers in its database.
-MAX_DOCUMENT_ID = 2**31 - 1
 # The API key `make run` prints; accepted only in sandbox mode and only from loopback.
 SANDBOX_API_KEY = "sandbox"
-CANCEL_FIELDS = {"portal", "document_ids", "document_numbers", "reason", "external_id", "chat"}
 
 Reply = tuple[dict[str, Any], int]
 
@@ -129,19 +126,20 @@ def authenticate_trigger(req: Request, svc: Services, signed: bool = False) -> C
     A request that carries `webhook-signature` is judged as signed whatever else it carries, so an added
     `Authorization` header cannot turn a captured signed request into an unsigned one with a new key.
     """
-    if "webhook-signature" in req.headers:
+    environ = req.environ  # headers read from the WSGI environ: werkzeug's Headers wrapper costs more per lookup
+    if "HTTP_WEBHOOK_SIGNATURE" in environ:
         if not signed:
             raise IntakeError(401, "a signature authorizes only the POST /v1/cancel it was made for; send "
                                    "'Authorization: Bearer <api key>'")
         if not svc.verifiers:
             raise IntakeError(401, "signed requests are not configured (TRIGGER_SECRETS or a caller's secret)")
-        raw = req.get_data(cache=True)
+        raw = body_bytes(req)
         headers = {k.lower(): v for k, v in req.headers.items()}
         for verifier, caller in svc.verifiers:
             if _signature_ok(verifier, raw, headers):
                 return caller
         raise IntakeError(401, "invalid or stale webhook signature (timestamps must be within 5 minutes)")
-    header = req.headers.get("Authorization", "")
+    header = environ.get("HTTP_AUTHORIZATION", "")
     if not header:
         raise IntakeError(401, "missing credentials: send 'Authorization: Bearer <api key>' or a signed request")
     scheme, _, key = header.partition(" ")
@@ -180,76 +178,32 @@ def _signature_ok(verifier: Webhook, raw: bytes, headers: dict[str, str]) -> boo
     return True
 
 
-def parse_json_object(req: Request) -> dict[str, Any]:
-    """The JSON object body; 415 for another content type, 400 for malformed JSON."""
+def body_bytes(req: Request) -> bytes:
+    """The request body: the bytes BodyLimit read (and limited) before the app ran, else Flask's."""
+    raw = req.environ.get(BODY_KEY)
+    return raw if raw is not None else req.get_data(cache=True)
+
+
+def parse_cancel_body(req: Request) -> CancelBody:
+    """The `POST /v1/cancel` body, parsed and validated by its model straight from the bytes; 415 for another
+    content type, 400 (naming the first failing field) for anything the model refuses."""
     if not req.is_json:
         raise IntakeError(415, "Content-Type must be application/json")
     try:
-        body = req.get_json(silent=True, cache=True)
-    except RecursionError:
-        # The decoder gives up on very deep nesting (about 1,000 levels) with RecursionError, not ValueError.
-        raise IntakeError(400, "the JSON body is nested too deeply") from None
-    if body is None:
-        raise IntakeError(400, "malformed JSON body")
-    if not isinstance(body, dict):
-        raise IntakeError(400, "the body must be a JSON object")
-    return body
+        return CancelBody.model_validate_json(body_bytes(req))
+    except ValidationError as exc:
+        message, field = first_error(exc)
+        raise IntakeError(400, message, field) from None
 
 
-def choose_portal(svc: Services, name: Any, caller: Caller | None = None) -> Portal:
+def choose_portal(svc: Services, name: str | None, caller: Caller | None = None) -> Portal:
     """The named portal, or the only one (of the caller's); 404 when unknown or not the caller's, alike."""
-    if name is not None and not isinstance(name, str):
-        raise IntakeError(400, "portal must be a string", "portal")
     portal = svc.portal(name) if caller is None else pick_portal(svc.portals_of.get(caller.name, {}), name)
     if portal is None:
         if name is None:
             raise IntakeError(400, "portal is required when several portals are configured", "portal")
         raise IntakeError(404, f"unknown portal {name!r}", "portal")
     return portal
-
-
-def document_ids(value: Any, field: str = "document_ids") -> list[int]:
-    """A non-empty list of distinct positive integers, at most MAX_DOCUMENTS."""
-    if not isinstance(value, list) or not value:
-        raise IntakeError(400, f"{field} must be a non-empty list of document ids", field)
-    if len(value) > policy.MAX_DOCUMENTS:
-        raise IntakeError(400, f"{field} may name at most {policy.MAX_DOCUMENTS} documents", field)
-    ids: list[int] = []
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise IntakeError(400, f"{field} must contain integers only", field)
-        if not 0 < item <= MAX_DOCUMENT_ID:
-            raise IntakeError(400, f"{field} must contain positive ids (at most {MAX_DOCUMENT_ID})", field)
-        ids.append(item)
-    if len(set(ids)) != len(ids):
-        raise IntakeError(400, f"{field} contains duplicates", field)
-    return ids
-
-
-def document_numbers(value: Any) -> list[str]:
-    """A non-empty list of distinct document numbers, at most MAX_DOCUMENTS."""
-    field = "document_numbers"
-    if not isinstance(value, list) or not value:
-        raise IntakeError(400, f"{field} must be a non-empty list of document numbers", field)
-    if len(value) > policy.MAX_DOCUMENTS:
-        raise IntakeError(400, f"{field} may name at most {policy.MAX_DOCUMENTS} documents", field)
-    if not all(isinstance(item, str) and 0 < len(item.strip()) <= MAX_REFERENCE for item in value):
-        raise IntakeError(400, f"{field} must contain non-empty strings", field)
-    numbers = [item.strip() for item in value]
-    if len(set(numbers)) != len(numbers):
-        raise IntakeError(400, f"{field} contains duplicates", field)
-    return numbers
-
-
-def optional_text(body: dict[str, Any], field: str, limit: int) -> str | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise IntakeError(400, f"{field} must be a string", field)
-    if len(value) > limit:
-        raise IntakeError(400, f"{field} is longer than {limit} characters", field)
-    return value.strip() or None
 
 
 def optional_chat(value: Any, portal: Portal, caller: Caller | None = None) -> str | None:
@@ -269,27 +223,27 @@ def optional_chat(value: Any, portal: Portal, caller: Caller | None = None) -> s
     return value
 
 
-def cancel_request(body: dict[str, Any], portal: Portal, source: str, source_ref: str | None = None,
+def cancel_request(body: CancelBody | dict[str, Any], portal: Portal, source: str, source_ref: str | None = None,
                    caller: Caller | None = None) -> dict[str, Any]:
-    """Validate a cancel body into the request stored on the record (JSON values only, never a secret).
+    """The request stored on the record (JSON values only, never a secret), from a validated body; a dict
+    (the robot's URL, the operator's command) is validated by the same model first.
 
     `caller` is who sent it (its name is stored: it owns the request); None for Bitrix24's own senders.
     """
-    unknown = sorted(set(body) - CANCEL_FIELDS)
-    if unknown:
-        raise IntakeError(400, f"unknown field {unknown[0]!r}", unknown[0])
-    has_ids = body.get("document_ids") is not None
-    has_numbers = body.get("document_numbers") is not None
-    if has_ids and has_numbers:
-        raise IntakeError(400, "give document_ids or document_numbers, not both", "document_ids")
+    if not isinstance(body, CancelBody):
+        try:
+            body = CancelBody.model_validate(body)
+        except ValidationError as exc:
+            message, field = first_error(exc)
+            raise IntakeError(400, message, field) from None
     request_: dict[str, Any] = {"portal": portal.name, "source": source}
-    if has_numbers:
-        request_["document_numbers"] = document_numbers(body["document_numbers"])
+    if body.document_numbers is not None:
+        request_["document_numbers"] = body.document_numbers
     else:
-        request_["document_ids"] = document_ids(body.get("document_ids"))
-    request_["reason"] = optional_text(body, "reason", MAX_REASON)
-    request_["external_id"] = optional_text(body, "external_id", MAX_REFERENCE)
-    request_["chat"] = optional_chat(body.get("chat"), portal, caller)
+        request_["document_ids"] = body.document_ids
+    request_["reason"] = (body.reason or "").strip() or None
+    request_["external_id"] = (body.external_id or "").strip() or None
+    request_["chat"] = optional_chat(body.chat, portal, caller)
     if source_ref:
         request_["source_ref"] = source_ref
     if caller is not None:
@@ -313,8 +267,9 @@ def idempotency_key(req: Request) -> str | None:
     A signed request uses its `webhook-id` only: it is covered by the signature, while another header is
     not, and a replayed signed request must not become a new request by changing it.
     """
-    signed = "webhook-signature" in req.headers  # judged as authenticate_trigger judges it
-    key = req.headers.get("webhook-id") if signed else req.headers.get("Idempotency-Key")
+    environ = req.environ
+    signed = "HTTP_WEBHOOK_SIGNATURE" in environ  # judged as authenticate_trigger judges it
+    key = environ.get("HTTP_WEBHOOK_ID") if signed else environ.get("HTTP_IDEMPOTENCY_KEY")
     if key is None:
         return None
     if not IDEMPOTENCY_KEY.match(key):

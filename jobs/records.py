@@ -40,10 +40,19 @@ def idempotency_key(portal: str, source: str, caller: str, key: str) -> str:
     return IDEMPOTENCY_PREFIX + digest[:32]
 
 
-def fingerprint(request: dict[str, Any]) -> str:
-    """A hash of the validated request (canonical JSON): a repeat under the same key must match it."""
-    canonical = {k: v for k, v in request.items() if k not in DELIVERY_FIELDS}
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+def canonical_json(request: dict[str, Any]) -> str:
+    """The request as stored on its record: compact JSON with sorted keys."""
+    return json.dumps(request, sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint(request: dict[str, Any], encoded: str | None = None) -> str:
+    """A hash of the validated request (canonical JSON): a repeat under the same key must match it.
+
+    `encoded` is `canonical_json(request)` when the caller has it already (the record's own field).
+    """
+    if encoded is None or not DELIVERY_FIELDS.isdisjoint(request):
+        encoded = canonical_json({k: v for k, v in request.items() if k not in DELIVERY_FIELDS})
+    return hashlib.sha256(encoded.encode()).hexdigest()[:32]
 
 
 def new_record(request: dict[str, Any], state: State = "queued") -> dict[str, str]:
@@ -53,7 +62,7 @@ def new_record(request: dict[str, Any], state: State = "queued") -> dict[str, st
     documents += [{"id": None, "number": number, "outcome": None, "detail": None}
                   for number in request.get("document_numbers") or []]
     return {
-        "request": json.dumps(request, separators=(",", ":")),
+        "request": canonical_json(request),
         "state": state,
         "documents": json.dumps(documents, separators=(",", ":")),
         "attempts": "0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -269,6 +270,8 @@ def test_fast_path_writes_the_job_hash_rq_itself_writes(client: FlaskClient, red
     for moment in ("created_at", "enqueued_at"):
         assert ours.pop(moment) and theirs.pop(moment)
     assert theirs.pop("origin") == b"reference" and ours.pop("origin") == b"cancel"
+    # The same data, compressed with a smaller window (jobs.enqueue.compress).
+    assert zlib.decompress(ours.pop("data")) == zlib.decompress(theirs.pop("data"))
     assert ours == theirs
     job = Job.fetch(f"cancel-{request_id}", connection=redis_conn, serializer=JSONSerializer)
     assert (job.func_name, job.args, job.origin, job.retries_left) == ("jobs.cancel.cancel_documents",
