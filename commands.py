@@ -79,7 +79,7 @@ def check_config() -> None:
     for portal in svc.portals.values():
         info = portal.public()
         click.echo(f"{info['name']}: {info['url']} ({info['auth']}), chat {info['chat']}, plan {info['plan']}, "
-                   f"{len(portal.rules)} event rules")
+                   f"reports in {info['language']} (mention {info['mention']}), {len(portal.rules)} event rules")
     for caller in svc.settings.callers.values():
         portals = "every portal" if caller.portals is None else ", ".join(sorted(caller.portals)) or "no portal"
         click.echo(f"caller {caller.name}: {len(caller.key_hashes)} key(s), {len(caller.secrets)} secret(s); "

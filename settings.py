@@ -35,6 +35,24 @@ WEBHOOK_PATH = re.compile(r"^/rest/(?P<user>\d+)/(?P<code>[A-Za-z0-9_]+)/?$")
 # ASCII digits only, on the whole string (used with fullmatch): "chat1\n" and "chat١" are not chats.
 CHAT_ID = re.compile(r"(?:chat|sg)[0-9]{1,18}|[0-9]{1,18}", re.ASCII)
 LOOPBACK_HOSTS = {"localhost"}
+# The languages the chat reports are written in (gettext catalogs under locale/), and the codes Bitrix24 itself
+# gives some of them in LANGUAGE_ID (`ua` Ukrainian, `la` Spanish, `br` Brazilian Portuguese), taken as aliases.
+Language = Literal["en", "ru", "de", "es", "pt", "pl", "uk"]
+LANGUAGES: tuple[str, ...] = ("en", "ru", "de", "es", "pt", "pl", "uk")
+LANGUAGE_ALIASES = {"ua": "uk", "la": "es", "br": "pt"}
+# Who a report mentions ([user=ID]) for a refused or failed document: its responsible user, or nobody.
+Mention = Literal["responsible", "none"]
+
+
+def check_language(value: Any) -> Any:
+    """A report language: one of LANGUAGES, any case, or a Bitrix24 alias of one; raise ValueError otherwise."""
+    if not isinstance(value, str):
+        return value
+    code = value.strip().lower()
+    code = LANGUAGE_ALIASES.get(code, code)
+    if code not in LANGUAGES:
+        raise ValueError(f"must be one of {', '.join(LANGUAGES)} (Bitrix24's ua, la and br are taken too)")
+    return code
 
 
 # The variables that define the single portal `default` (the portals file replaces them all).
@@ -129,7 +147,7 @@ class Portal:
     chat: str
     application_token: str | None = field(default=None, repr=False)
     robot_secret: str | None = field(default=None, repr=False)
-    language: Literal["en", "ru"] = "en"
+    language: Language = "en"
     plan: Literal["standard", "enterprise"] = "standard"
     member_id: str | None = None
     domain: str | None = None
@@ -137,6 +155,8 @@ class Portal:
     oauth: OAuthApp | None = field(default=None, repr=False)
     # Chats (besides `chat`) that a request for this portal may name in `chat`.
     chats: frozenset[str] = frozenset()
+    # Whom a report mentions for a refused or failed document.
+    mention: Mention = "responsible"
 
     @property
     def base_url(self) -> str:
@@ -164,7 +184,8 @@ class Portal:
     def public(self) -> dict[str, Any]:
         """What may be shown about the portal: never a secret."""
         return {"name": self.name, "url": self.masked_url, "chat": self.chat, "plan": self.plan,
-                "language": self.language, "auth": "oauth app" if self.oauth else "incoming webhook"}
+                "language": self.language, "mention": self.mention,
+                "auth": "oauth app" if self.oauth else "incoming webhook"}
 
 
 @dataclass(frozen=True)
@@ -195,7 +216,8 @@ class Settings(BaseSettings):
     b24_chat_id: str | None = None
     b24_application_token: str | None = None
     b24_robot_secret: str | None = None
-    b24_language: Literal["en", "ru"] = "en"
+    b24_language: Language = "en"
+    b24_mention: Mention = "responsible"
     b24_plan: Literal["standard", "enterprise"] = "standard"
     b24_member_id: str | None = None
     b24_domain: str | None = None
@@ -247,6 +269,11 @@ class Settings(BaseSettings):
         if value is not None and not CHAT_ID.fullmatch(value):
             raise ValueError("must be a chat like chat42 (or sg42, or a user id)")
         return value
+
+    @field_validator("b24_language", mode="before")
+    @classmethod
+    def _language(cls, value: Any) -> Any:
+        return check_language(value)
 
     @field_validator("metrics_bind")
     @classmethod
@@ -313,7 +340,7 @@ class Settings(BaseSettings):
             self._portals = {DEFAULT_PORTAL: Portal(
                 name=DEFAULT_PORTAL, webhook_url=self.b24_webhook_url, chat=self.b24_chat_id or "",
                 application_token=self.b24_application_token, robot_secret=self.b24_robot_secret,
-                language=self.b24_language, plan=self.b24_plan,
+                language=self.b24_language, mention=self.b24_mention, plan=self.b24_plan,
                 member_id=self.b24_member_id, domain=self.b24_domain,
             )}
         if self.api_keys or self.webhook_secrets:
@@ -442,7 +469,8 @@ class PortalConfig(BaseModel):
     member_id: str | None = None
     domain: str | None = None
     plan: Literal["standard", "enterprise"] = "standard"
-    language: Literal["en", "ru"] = "en"
+    language: Language = "en"
+    mention: Mention = "responsible"
     robot_secret: str | None = None
     rules: list[RuleConfig] = []
     # Other chats a request for this portal may name in `chat` (the portal's own chat always may).
@@ -452,6 +480,11 @@ class PortalConfig(BaseModel):
     @classmethod
     def _webhook(cls, value: str | None) -> str | None:
         return check_webhook_url(value) if value is not None else None
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _language(cls, value: Any) -> Any:
+        return check_language(value)
 
     @field_validator("client_endpoint")
     @classmethod
@@ -606,7 +639,7 @@ def portals_from_file(path: Path) -> tuple[dict[str, Portal], dict[str, Caller]]
             application_token=config.application_token, robot_secret=config.robot_secret,
             language=config.language, plan=config.plan, member_id=config.member_id, domain=config.domain,
             rules=tuple(rule.model_dump() for rule in config.rules), oauth=config.app(),
-            chats=frozenset(config.chats),
+            chats=frozenset(config.chats), mention=config.mention,
         )
     callers = callers_from_file(data.get("callers"), portals, where, problems)
     if problems:
