@@ -95,7 +95,8 @@ def check_config() -> None:
     for portal in every.values():
         info = portal.public()
         click.echo(f"{info['name']}: {info['url']} ({info['auth']}), chat {info['chat'] or 'none yet'}, "
-                   f"plan {info['plan']}, {len(portal.rules)} event rules")
+                   f"plan {info['plan']}, reports in {info['language']} (mention {info['mention']}), "
+                   f"{len(portal.rules)} event rules")
     for caller in svc.settings.callers.values():
         portals = "every portal" if caller.portals is None else ", ".join(sorted(caller.portals)) or "no portal"
         click.echo(f"caller {caller.name}: {len(caller.key_hashes)} key(s), {len(caller.secrets)} secret(s); "

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from settings import AppSettings, OAuthApp, Portal, Settings, pick_portal
+from settings import LANGUAGES, AppSettings, OAuthApp, Portal, Settings, pick_portal
 
 PORTAL_KEY = "b24c:app:portal:"
 PORTALS_SET = "b24c:app:portals"
@@ -64,7 +64,7 @@ def portal_from_hash(app: AppSettings, fields: dict[str, str]) -> Portal:
     endpoint = fields["client_endpoint"]
     oauth = OAuthApp(client_endpoint=endpoint, client_id=app.client_id, client_secret=app.client_secret,
                      refresh_token="", server=app.token_url(endpoint), installed=True)
-    language = fields.get("language") if fields.get("language") in ("en", "ru") else app.language
+    language = fields.get("language") if fields.get("language") in LANGUAGES else app.language
     return Portal(name=installed_name(member_id), webhook_url=None, chat=fields.get("chat") or app.chat or "",
                   application_token=fields.get("application_token"), language=language,  # type: ignore[arg-type]
                   member_id=member_id, domain=fields.get("domain"), rules=app.rules, oauth=oauth, installed=True,

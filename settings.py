@@ -35,6 +35,24 @@ WEBHOOK_PATH = re.compile(r"^/rest/(?P<user>\d+)/(?P<code>[A-Za-z0-9_]+)/?$")
 # ASCII digits only, on the whole string (used with fullmatch): "chat1\n" and "chat١" are not chats.
 CHAT_ID = re.compile(r"(?:chat|sg)[0-9]{1,18}|[0-9]{1,18}", re.ASCII)
 LOOPBACK_HOSTS = {"localhost"}
+# The languages the chat reports are written in (gettext catalogs under locale/), and the codes Bitrix24 itself
+# gives some of them in LANGUAGE_ID (`ua` Ukrainian, `la` Spanish, `br` Brazilian Portuguese), taken as aliases.
+Language = Literal["en", "ru", "de", "es", "pt", "pl", "uk"]
+LANGUAGES: tuple[str, ...] = ("en", "ru", "de", "es", "pt", "pl", "uk")
+LANGUAGE_ALIASES = {"ua": "uk", "la": "es", "br": "pt"}
+# Who a report mentions ([user=ID]) for a refused or failed document: its responsible user, or nobody.
+Mention = Literal["responsible", "none"]
+
+
+def check_language(value: Any) -> Any:
+    """A report language: one of LANGUAGES, any case, or a Bitrix24 alias of one; raise ValueError otherwise."""
+    if not isinstance(value, str):
+        return value
+    code = value.strip().lower()
+    code = LANGUAGE_ALIASES.get(code, code)
+    if code not in LANGUAGES:
+        raise ValueError(f"must be one of {', '.join(LANGUAGES)} (Bitrix24's ua, la and br are taken too)")
+    return code
 
 
 # The variables that define the single portal `default` (the portals file replaces them all).
@@ -134,7 +152,7 @@ class AppSettings:
     public_url: str
     oauth_server: str = DEFAULT_OAUTH_SERVER
     chat: str | None = None
-    language: Literal["en", "ru"] = "en"
+    language: Language = "en"
     rules: tuple[dict[str, Any], ...] = ()
 
     def url(self, path: str) -> str:
@@ -181,7 +199,7 @@ class Portal:
     chat: str
     application_token: str | None = field(default=None, repr=False)
     robot_secret: str | None = field(default=None, repr=False)
-    language: Literal["en", "ru"] = "en"
+    language: Language = "en"
     plan: Literal["standard", "enterprise"] = "standard"
     member_id: str | None = None
     domain: str | None = None
@@ -189,6 +207,8 @@ class Portal:
     oauth: OAuthApp | None = field(default=None, repr=False)
     # Chats (besides `chat`) that a request for this portal may name in `chat`.
     chats: frozenset[str] = frozenset()
+    # Whom a report mentions for a refused or failed document.
+    mention: Mention = "responsible"
     # Installed through the app (stored in Redis by member_id), not configured; how its setup went.
     installed: bool = False
     setup: str = ""
@@ -220,7 +240,7 @@ class Portal:
         """What may be shown about the portal: never a secret."""
         auth = "installed app" if self.installed else "oauth app" if self.oauth else "incoming webhook"
         shown = {"name": self.name, "url": self.masked_url, "chat": self.chat, "plan": self.plan,
-                 "language": self.language, "auth": auth}
+                 "language": self.language, "mention": self.mention, "auth": auth}
         if self.installed:
             shown["setup"] = self.setup or "pending"
         return shown
@@ -254,7 +274,8 @@ class Settings(BaseSettings):
     b24_chat_id: str | None = None
     b24_application_token: str | None = None
     b24_robot_secret: str | None = None
-    b24_language: Literal["en", "ru"] = "en"
+    b24_language: Language = "en"
+    b24_mention: Mention = "responsible"
     b24_plan: Literal["standard", "enterprise"] = "standard"
     b24_member_id: str | None = None
     b24_domain: str | None = None
@@ -265,7 +286,7 @@ class Settings(BaseSettings):
     b24_app_client_secret: str | None = None
     b24_app_oauth_server: str | None = None
     b24_app_chat: str | None = None
-    b24_app_language: Literal["en", "ru"] | None = None
+    b24_app_language: Language | None = None
     public_url: str | None = None
 
     # Limits: overrides of the plan's rate and burst, and the share of the burst we use.
@@ -332,6 +353,11 @@ class Settings(BaseSettings):
         if value is not None and not CHAT_ID.fullmatch(value):
             raise ValueError("must be a chat like chat42 (or sg42, or a user id)")
         return value
+
+    @field_validator("b24_language", mode="before")
+    @classmethod
+    def _language(cls, value: Any) -> Any:
+        return check_language(value)
 
     @field_validator("metrics_bind")
     @classmethod
@@ -404,7 +430,7 @@ class Settings(BaseSettings):
             self._portals = {DEFAULT_PORTAL: Portal(
                 name=DEFAULT_PORTAL, webhook_url=self.b24_webhook_url, chat=self.b24_chat_id or "",
                 application_token=self.b24_application_token, robot_secret=self.b24_robot_secret,
-                language=self.b24_language, plan=self.b24_plan,
+                language=self.b24_language, mention=self.b24_mention, plan=self.b24_plan,
                 member_id=self.b24_member_id, domain=self.b24_domain,
             )}
         self._app = self._app_from_env(self._app)
@@ -557,7 +583,8 @@ class PortalConfig(BaseModel):
     member_id: str | None = None
     domain: str | None = None
     plan: Literal["standard", "enterprise"] = "standard"
-    language: Literal["en", "ru"] = "en"
+    language: Language = "en"
+    mention: Mention = "responsible"
     robot_secret: str | None = None
     rules: list[RuleConfig] = []
     # Other chats a request for this portal may name in `chat` (the portal's own chat always may).
@@ -567,6 +594,11 @@ class PortalConfig(BaseModel):
     @classmethod
     def _webhook(cls, value: str | None) -> str | None:
         return check_webhook_url(value) if value is not None else None
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _language(cls, value: Any) -> Any:
+        return check_language(value)
 
     @field_validator("client_endpoint")
     @classmethod
@@ -727,7 +759,7 @@ def portals_from_file(path: Path) -> tuple[dict[str, Portal], dict[str, Caller],
             application_token=config.application_token, robot_secret=config.robot_secret,
             language=config.language, plan=config.plan, member_id=config.member_id, domain=config.domain,
             rules=tuple(rule.model_dump() for rule in config.rules), oauth=config.app(),
-            chats=frozenset(config.chats),
+            chats=frozenset(config.chats), mention=config.mention,
         )
     callers = callers_from_file(data.get("callers"), portals, where, problems)
     if problems:
@@ -745,7 +777,7 @@ class AppConfig(BaseModel):
     public_url: str = ""
     oauth_server: str = DEFAULT_OAUTH_SERVER
     chat: str | None = None
-    language: Literal["en", "ru"] = "en"
+    language: Language = "en"
     rules: list[RuleConfig] = []
 
     @field_validator("public_url")

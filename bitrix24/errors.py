@@ -35,27 +35,34 @@ PERMANENT = frozenset({
 # Server-side failures after which the method may or may not have run.
 SERVER_FAULTS = frozenset({"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"})
 
-# What a person should do, by code; shown in the chat report and the request status.
+
+def N_(text: str) -> str:
+    """Mark a text for Babel to extract (`make catalogs`); the report translates it where it shows it."""
+    return text
+
+
+# What a person should do, by code; shown in the chat report (translated) and the request status (English).
 ADVICE = {
-    "NO_AUTH_FOUND": "The webhook URL is wrong, expired or deleted: create an incoming webhook and update the "
-                     "service's settings.",
-    "INVALID_CREDENTIALS": "The webhook's user lacks permissions: give them access or use another user's webhook.",
-    "insufficient_scope": "Add the scopes catalog and im to the incoming webhook.",
-    "ACCESS_DENIED": "The portal refuses REST access (a plan without REST, or the user has no access).",
-    "PORTAL_DELETED": "The portal was deleted: remove it from the service's settings.",
-    "OVERLOAD_LIMIT": "Bitrix24 blocked REST for this portal: contact Bitrix24 support.",
-    "invalid_token": "The app's token is no longer valid: reinstall the app.",
-    "ERROR_METHOD_NOT_FOUND": "The portal does not offer this method: check that inventory management (catalog) "
-                              "is available and the scope is granted.",
-    "PAYMENT_REQUIRED": "The app's paid period is over.",
-    "invalid_grant": "The app's refresh token is no longer valid: reinstall the app on the portal, or put a new "
-                     "refresh_token in the portals file, then replay the request.",
-    "OAUTH_TOKEN_LOST": "Reinstall the app on the portal, or put a new refresh_token in the portals file, then "
-                        "replay the request.",
-    "ACCESS_ERROR": "The webhook's user is not a member of the report chat: add them to it.",
-    "APP_UNINSTALLED": "The app was removed from this portal: install it again to process requests.",
-    "CHAT_ID": "The report chat does not exist: check the chat id in the settings.",
-    "USER_NOT_FOUND": "The report chat's user does not exist: check the chat id in the settings.",
+    "NO_AUTH_FOUND": N_("The webhook URL is wrong, expired or deleted: create an incoming webhook and update the "
+                        "service's settings."),
+    "INVALID_CREDENTIALS": N_("The webhook's user lacks permissions: give them access or use another user's "
+                              "webhook."),
+    "insufficient_scope": N_("Add the scopes catalog and im to the incoming webhook."),
+    "ACCESS_DENIED": N_("The portal refuses REST access (a plan without REST, or the user has no access)."),
+    "PORTAL_DELETED": N_("The portal was deleted: remove it from the service's settings."),
+    "OVERLOAD_LIMIT": N_("Bitrix24 blocked REST for this portal: contact Bitrix24 support."),
+    "invalid_token": N_("The app's token is no longer valid: reinstall the app."),
+    "ERROR_METHOD_NOT_FOUND": N_("The portal does not offer this method: check that inventory management (catalog) "
+                                 "is available and the scope is granted."),
+    "PAYMENT_REQUIRED": N_("The app's paid period is over."),
+    "invalid_grant": N_("The app's refresh token is no longer valid: reinstall the app on the portal, or put a new "
+                        "refresh_token in the portals file, then replay the request."),
+    "OAUTH_TOKEN_LOST": N_("Reinstall the app on the portal, or put a new refresh_token in the portals file, then "
+                           "replay the request."),
+    "ACCESS_ERROR": N_("The webhook's user is not a member of the report chat: add them to it."),
+    "APP_UNINSTALLED": N_("The app was removed from this portal: install it again to process requests."),
+    "CHAT_ID": N_("The report chat does not exist: check the chat id in the settings."),
+    "USER_NOT_FOUND": N_("The report chat's user does not exist: check the chat id in the settings."),
 }
 
 

@@ -187,7 +187,7 @@ class RequestView(BaseModel):
     request_id: str
     state: State
     portal: str | None
-    source: str | None = Field(description="api, robot, event or operator")
+    source: str | None = Field(description="api (the operator's command too), robot or event")
     caller: str | None = Field(description="the caller that sent it; null for Bitrix24's own senders")
     source_ref: str | None
     reason: str | None

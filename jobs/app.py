@@ -39,7 +39,15 @@ from jobs.lifecycle import defer, retry_later
 from jobs.offline import NOTICE_EVENT, NOTICE_MIN_TIMEOUT, offline_events, request_pull, state_key
 from jobs.offline import keys_of as offline_keys
 from registry import MEMBER_ID, installed_name, portal_key, save_fields
-from settings import AppSettings, Portal, Settings, check_endpoint_url, is_loopback
+from settings import (
+    LANGUAGE_ALIASES,
+    LANGUAGES,
+    AppSettings,
+    Portal,
+    Settings,
+    check_endpoint_url,
+    is_loopback,
+)
 
 log = logging.getLogger("b24cancel.jobs")
 
@@ -167,12 +175,13 @@ def verify_install(settings: Settings, conn: redis.Redis, app: AppSettings, form
     if named.lower() != endpoint.lower():
         raise InstallRefused("the OAuth server names another portal endpoint")
     language = str(form.get("data[LANGUAGE_ID]") or "")
+    language = LANGUAGE_ALIASES.get(language, language)
     tokens = {"access_token": str(body["access_token"]), "refresh_token": str(body["refresh_token"]),
               "fence": fingerprint(str(body["refresh_token"])), "expires": str(body.get("expires", "")),
               "user_id": str(body.get("user_id", "")), "seed": fingerprint(""), "refreshed_at": f"{time.time():.3f}",
               "source": "install"}
     return InstallFacts(member_id=member_id, domain=domain, client_endpoint=endpoint,
-                        application_token=application_token, language=language if language in ("en", "ru") else "",
+                        application_token=application_token, language=language if language in LANGUAGES else "",
                         install_fence=fingerprint(refresh), tokens=tokens)
 
 

@@ -30,13 +30,23 @@ from bitrix24.errors import OPERATING_LIMITED, RATE_LIMITED, Bitrix24Error, Thro
 from jobs import policy, records
 from jobs.claims import Claims
 from jobs.context import job_connection, worker_context
+from jobs.details import (
+    APP_GONE,
+    CONFIRMED_BY_READ,
+    NO_SUCH_NUMBER,
+    NOT_VISIBLE,
+    PORTAL_GONE,
+    PORTAL_REFUSED,
+    UNANSWERED,
+)
 from jobs.durability import durable
 from jobs.enqueue import enqueue_followup
 from jobs.lifecycle import Lease, defer, exclusively, final_failure, retry_later
 
 log = logging.getLogger("b24cancel.jobs")
 
-DOCUMENT_FIELDS = ["id", "docType", "docNumber", "title", "status"]
+# `responsibleId` comes with the same reads: the report mentions that user when a document needs a person.
+DOCUMENT_FIELDS = ["id", "docType", "docNumber", "title", "status", "responsibleId"]
 CONDUCTED = "Y"
 
 
@@ -74,8 +84,7 @@ def run_cancel(conn: redis.Redis, request_id: str, lease: Lease) -> dict[str, An
     portal = ctx.portal(record["request"]["portal"], conn)
     if portal is None:
         why = ctx.portal_gone_reason(record["request"]["portal"], conn)
-        detail = "the app was uninstalled from the portal" if why != "portal not configured" else \
-            "the portal is no longer configured in the service"
+        detail = APP_GONE if why != "portal not configured" else PORTAL_GONE
         for doc in docs:
             if doc["outcome"] is None:
                 doc.update(outcome="failed", detail=detail)
@@ -111,7 +120,7 @@ def run_cancel(conn: redis.Redis, request_id: str, lease: Lease) -> dict[str, An
             return hold(retry)
         for doc in docs:
             if doc["outcome"] is None:
-                unsure = " (the last cancel got no answer: check the document in the portal)" if doc.get("sent_at") else ""
+                unsure = f" ({UNANSWERED})" if doc.get("sent_at") else ""
                 doc.update(outcome="failed", detail=f"{err.code}: {err.description}{unsure}",
                            advice=err.advice or None)
                 # the claim of a document whose cancel got no answer is kept until it expires (the call may
@@ -303,8 +312,7 @@ class Canceller:
             for doc in chunk:
                 found = by_number.get(str(doc["number"]))
                 if found is None:
-                    doc.update(outcome="not_found", detail="no document with this number is visible to the "
-                                                           "webhook user")
+                    doc.update(outcome="not_found", detail=NO_SUCH_NUMBER)
                     continue
                 self.seen(doc, found)
                 if found.get("status") != CONDUCTED:
@@ -324,7 +332,7 @@ class Canceller:
         for doc in chunk:
             item = found.get(int(doc["id"]))
             if item is None:
-                _decided(doc, "not_found", "the document is not visible to the webhook user")
+                _decided(doc, "not_found", NOT_VISIBLE)
                 continue
             self.seen(doc, item)
             if item.get("status") != CONDUCTED:
@@ -414,19 +422,18 @@ class Canceller:
             description = descriptions.get(doc["id"])
             before = doc.get("last_status", CONDUCTED)  # records from before last_status: it was sent, so Y
             if item is None:
-                _decided(doc, "not_found", description or "the document is not visible to the webhook user")
+                _decided(doc, "not_found", description or NOT_VISIBLE)
                 continue
             self.seen(doc, item)
             if item.get("status") != CONDUCTED:
                 if after_send and before == CONDUCTED:
-                    _decided(doc, "cancelled", "confirmed by re-reading once the unanswered call could no "
-                                               "longer be running")
+                    _decided(doc, "cancelled", CONFIRMED_BY_READ)
                 else:
                     _decided(doc, "already_not_conducted", f"status {before if before != CONDUCTED else item.get('status')}")
             elif after_send:
                 doc.pop("sent_at", None)  # our call did not take effect: it will be sent again, still claimed
             else:
-                _decided(doc, "refused", description or "the portal refused")
+                _decided(doc, "refused", description or PORTAL_REFUSED)
         self.progress()
 
 
@@ -445,8 +452,22 @@ def _describe(doc: dict[str, Any], found: dict[str, Any]) -> None:
     for name in ("title", "docType"):
         if found.get(name):
             doc[name] = found[name]
+    responsible = _user_id(found.get("responsibleId"))
+    if responsible is not None:
+        doc["responsibleId"] = responsible
     if found.get("docNumber"):
         doc["number"] = found["docNumber"]
+
+
+def _user_id(value: Any) -> int | None:
+    """A user id as the portal gives it (an int or a string of digits), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and 0 < len(value) <= 10:
+        return int(value)
+    return None
 
 
 def _decided(doc: dict[str, Any], outcome: str, detail: str | None, advice: str | None = None) -> None:

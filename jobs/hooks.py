@@ -26,6 +26,7 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job
 
 from jobs import policy, records
+from jobs.details import STOPPED, UNANSWERED
 from jobs.enqueue import enqueue_followup
 from jobs.lifecycle import RequestFailed, lease_key
 
@@ -75,14 +76,14 @@ def end_request(conn: redis.Redis, job: Job, why: str) -> None:
     record = records.load(conn, request_id)
     if record is None or record.get("state") in ("done", "failed"):
         return
-    detail = f"the {stage} job stopped ({why}); it is in the failed registry for `rq requeue`"
+    detail = STOPPED.format(stage=stage, why=why)
     if stage == "report":
         records.save(conn, request_id, state="failed", report_error=detail, finished_at=records.now_text())
         return
     docs = record.get("documents") or []
     for doc in docs:
         if doc.get("outcome") is None:
-            unsure = " (a cancel got no answer: check the document)" if doc.pop("sent_at", None) or doc.pop("sent", None) else ""
+            unsure = f" ({UNANSWERED})" if doc.pop("sent_at", None) or doc.pop("sent", None) else ""
             doc.update(outcome="failed", detail=detail + unsure)
     records.save(conn, request_id, documents=docs, state="failed", error=detail, finished_at=records.now_text())
     log.warning("request ended by a failed job", extra={"request_id": request_id, "job_id": job.id, "why": why})

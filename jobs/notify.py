@@ -7,6 +7,10 @@ when, and a fresh secret nonce that the message carries on its last line. If tha
 post can no longer be running (`policy.settled_after`); only then is the chat searched for a message
 written by the service's own user that ends with that line. Found: the request is done with that
 message. Not found: it is posted again, once.
+
+A request's reports form one thread: the first report posted for it starts it (`first_message_id` on the
+record), and every later one (a replay's report, the follow-up of a failed request) is posted as a reply
+to it (`REPLY_ID`), under the same rules.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ log = logging.getLogger("b24cancel.jobs")
 HISTORY_LIMIT = 50
 HISTORY_PAGES = 10
 CLOCK_SKEW = 300.0
+# im.message.add refuses a REPLY_ID it cannot use (the message was deleted, or the report chat changed) before
+# posting anything: the report is then posted on its own.
+REPLY_REFUSALS = frozenset({"REPLY_ACCESS_ERROR", "REPLY_FROM_OTHER_CHAT_ERROR"})
 # The report nonce: 64 random bits, far beyond guessing within a report's life, short enough to read past.
 NONCE_BYTES = 8
 # An OAuth app's own user id (from `profile`) is kept this long: it changes only if the app is reinstalled
@@ -110,7 +117,8 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
             sent_at = time.time()
             if not note_post(conn, ctx.settings.redis_min_replicas, request_id, round_, nonce, sent_at):
                 return {"skipped": "record expired"}
-            message_id = send(client, conn, request_id, chat, report.render(record, portal, round_, nonce))
+            message_id = send(client, conn, request_id, chat, report.render(record, portal, round_, nonce),
+                              reply_to=thread_of(record))
     except Throttled as wait:
         return defer(conn, request_id, wait.until, wait.reason)
     except Bitrix24Error as err:
@@ -126,6 +134,7 @@ def run_report(conn: redis.Redis, request_id: str) -> dict[str, Any] | Retry:
                          report_error=why)
         fail_report(conn, request_id, why)
     records.save(conn, request_id, message_id=str(message_id), reported_round=str(round_),
+                 first_message_id=thread_of(record) or str(message_id),
                  state=final_state(record), finished_at=records.now_text(),
                  waiting_for="", resume_at="", report_error="")
     log.info("report posted", extra={"request_id": request_id, "portal": portal.name, "message_id": message_id})
@@ -164,10 +173,35 @@ def final_state(record: dict[str, Any]) -> str:
     return "failed" if any(doc.get("outcome") == "failed" for doc in documents) else "done"
 
 
-def send(client: Bitrix24Client, conn: redis.Redis, request_id: str, chat: str, text: str) -> int:
-    """Post the message; a refusal that provably did not run clears the in-flight note."""
+def thread_of(record: dict[str, Any]) -> str | None:
+    """The id of the request's first report, which every later report replies to (None before it is posted).
+
+    A record written before threads has only the last report's id (`message_id`, of an earlier round while
+    a new round is reported): its reports go on under that one.
+    """
+    first = str(record.get("first_message_id") or record.get("message_id") or "")
+    return first if first.isdigit() else None
+
+
+def send(client: Bitrix24Client, conn: redis.Redis, request_id: str, chat: str, text: str,
+         reply_to: str | None = None) -> int:
+    """Post the message (as a reply to `reply_to`); a refusal that provably did not run clears the in-flight note.
+
+    A refused REPLY_ID posted nothing: the report goes out once more, on its own, under the same note.
+    """
+    params: dict[str, Any] = {"DIALOG_ID": chat, "MESSAGE": text, "URL_PREVIEW": "N"}
+    if reply_to:
+        params["REPLY_ID"] = int(reply_to)
     try:
-        answer = client.call("im.message.add", {"DIALOG_ID": chat, "MESSAGE": text, "URL_PREVIEW": "N"})
+        try:
+            answer = client.call("im.message.add", params)
+        except Bitrix24Error as err:
+            if "REPLY_ID" not in params or err.code not in REPLY_REFUSALS:
+                raise
+            log.warning("the report's thread cannot be replied to; posting it on its own",
+                        extra={"request_id": request_id, "error": str(err)})
+            del params["REPLY_ID"]
+            answer = client.call("im.message.add", params)
     except Bitrix24Error as err:
         if not err.ambiguous:
             records.save(conn, request_id, report_sent="")

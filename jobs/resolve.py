@@ -17,6 +17,7 @@ from rq import Retry
 from bitrix24.errors import Bitrix24Error, Throttled
 from jobs import policy, records
 from jobs.context import job_connection, worker_context
+from jobs.details import READ_FAILED
 from jobs.enqueue import enqueue_followup
 from jobs.lifecycle import defer, exclusively, final_failure, retry_later
 
@@ -70,7 +71,7 @@ def run_resolve(conn: Any, request_id: str) -> dict[str, Any] | Retry:
         retry = retry_later(conn, request_id, err, "transient_failures")
         if retry is not None:
             return retry
-        records.save(conn, request_id, error=f"reading the event's object: {err}",
+        records.save(conn, request_id, error=READ_FAILED.format(error=err),
                      resolution={"event": request["event"], "object_id": request["object_id"],
                                  "rules": checks, "error": str(err)})
         # the chat hears of it too: the report job marks the request failed once it has posted

@@ -673,9 +673,31 @@ def message_add(ctx: CallContext, params: dict[str, Any]) -> int:
     if not body.strip() and attach is None:
         raise RestError("MESSAGE_EMPTY", "Message can't be empty")
     chat = _resolve_dialog(ctx, dialog_id, for_reading=False)
+    reply_id = _reply_to(ctx, chat, p.get("REPLY_ID"))
     if len(body) > MESSAGE_MAX_CHARS:
         body = body[:MESSAGE_MAX_CHARS - len(TRUNCATION_MARK)] + TRUNCATION_MARK
-    return ctx.portal.add_message(chat, ctx.user_id, body, attach).id
+    return ctx.portal.add_message(chat, ctx.user_id, body, attach, reply_id).id
+
+
+def _reply_to(ctx: CallContext, chat: Chat, raw: Any) -> int | None:
+    """The message a new one replies to (`REPLY_ID`): it must exist, be readable and be in the same chat.
+
+    Errors as im-message-add.md lists them: REPLY_ACCESS_ERROR ("Action unavailable") when there is no
+    such message or the user cannot read it, REPLY_FROM_OTHER_CHAT_ERROR when it is in another chat.
+    """
+    if raw in (None, "", 0, "0"):
+        return None
+    reply_id = _as_int(raw)
+    if reply_id is None or reply_id <= 0:
+        raise RestError("PARAMS_ERROR", "Incorrect params")
+    target = ctx.portal.message(reply_id)
+    readable = target is not None and any(
+        c.chat_id == target.chat_id and ctx.user_id in c.members for c in ctx.portal.chats.values())
+    if target is None or not readable:
+        raise RestError("REPLY_ACCESS_ERROR", "Action unavailable")
+    if target.chat_id != chat.chat_id:
+        raise RestError("REPLY_FROM_OTHER_CHAT_ERROR", "You can only reply to a message within the same chat")
+    return reply_id
 
 
 @method("im.dialog.messages.get", "im")
@@ -695,7 +717,7 @@ def dialog_messages_get(ctx: CallContext, params: dict[str, Any]) -> dict[str, A
     authors = sorted({m.author_id for m in newest})
     return {
         "messages": [{"id": m.id, "chat_id": m.chat_id, "author_id": m.author_id, "date": portal_date(m.date),
-                      "text": m.text, "params": {"ATTACH": m.attach} if m.attach is not None else []}
+                      "text": m.text, "params": _message_params(m)}
                      for m in newest],
         "chat_id": chat.chat_id,
         "users": [dict(ctx.portal.users[a]) for a in authors if a in ctx.portal.users],
@@ -716,6 +738,16 @@ def dialog_get(ctx: CallContext, params: dict[str, Any]) -> dict[str, Any]:
             "color": "#4ba984", "type": "chat" if group else "private", "entity_type": "", "entity_data_1": "",
             "entity_data_2": "", "entity_data_3": "", "date_create": portal_date(SEED_BASE_DATE.timestamp()),
             "message_type": "C" if group else "P"}
+
+
+def _message_params(message: Any) -> dict[str, Any] | list[Any]:
+    """A message's `params` as im.dialog.messages.get gives them (PHP's empty array when there are none)."""
+    params: dict[str, Any] = {}
+    if message.attach is not None:
+        params["ATTACH"] = message.attach
+    if message.reply_id is not None:
+        params["REPLY_ID"] = message.reply_id
+    return params or []
 
 
 # -- CRM and sale ----------------------------------------------------------------------------

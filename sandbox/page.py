@@ -22,6 +22,8 @@ FAILED_CALLS_SHOWN = 20
 STATUS_NAMES = {"Y": "conducted", "N": "draft", "C": "cancelled"}
 
 _SIMPLE_TAGS = re.compile(r"\[(/?)(b|i|u|s)\]", re.IGNORECASE)
+# [color=#hex]: 3 or 6 hex digits, as the Bitrix24 docs allow; anything else stays as text.
+_COLOR = re.compile(r"\[color=(#[0-9a-f]{3}|#[0-9a-f]{6})\](.*?)\[/color\]", re.IGNORECASE | re.DOTALL)
 _URL_WITH_TARGET = re.compile(r"\[url=([^\]]+)\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
 _URL_PLAIN = re.compile(r"\[url\](.*?)\[/url\]", re.IGNORECASE | re.DOTALL)
 _USER = re.compile(r"\[user=(\w+)\](.*?)\[/user\]", re.IGNORECASE | re.DOTALL)
@@ -35,14 +37,28 @@ def _link(target: str, label: str) -> str:
     return label
 
 
-def render_bbcode(source: str) -> str:
-    """Escape the text, then turn the common BB codes ([b], [i], [u], [s], [url], [user], [br]) into HTML."""
+def render_bbcode(source: str, users: dict[int, dict[str, Any]] | None = None) -> str:
+    """Escape the text, then turn the BB codes a report uses into HTML the way Bitrix24's chat shows them.
+
+    [b], [i], [u], [s], [color=#hex], [url], [br]; a mention [user=ID]…[/user] shows the user's name (the
+    text inside only for a user the portal does not know); four spaces at a line's start show as a tab.
+    """
+    users = users or {}
+
+    def mention(match: re.Match[str]) -> str:
+        user = users.get(int(match.group(1))) if match.group(1).isdigit() else None
+        name = html.escape(str(user["name"])) if user else match.group(2)
+        return f'<b class="mention">@{name}</b>'
+
     out = html.escape(source)
     out = _SIMPLE_TAGS.sub(lambda m: f"<{m.group(1)}{m.group(2).lower()}>", out)
+    for _ in range(3):  # nested colours
+        out = _COLOR.sub(lambda m: f'<span style="color:{m.group(1)}">{m.group(2)}</span>', out)
     out = _URL_WITH_TARGET.sub(lambda m: _link(m.group(1), m.group(2)), out)
     out = _URL_PLAIN.sub(lambda m: _link(m.group(1), m.group(1)), out)
-    out = _USER.sub(lambda m: f"<b>@{m.group(2)}</b>", out)
+    out = _USER.sub(mention, out)
     out = _BREAK.sub("<br>", out)
+    out = re.sub(r"(?m)^    ", '<span class="tab"></span>', out)
     return out.replace("\n", "<br>")
 
 
@@ -53,6 +69,26 @@ def _attachment_note(attach: Any) -> str:
     if len(summary) > 200:
         summary = summary[:200] + "…"
     return f'<div class="attach">attachment: {html.escape(summary)}</div>'
+
+
+def _thread(portal: Portal, messages: list[Any]) -> list[str]:
+    """A chat's messages as HTML, each reply shown under the message it replies to."""
+    ids = {m.id for m in messages}
+    replies: dict[int, list[Any]] = {}
+    for message in messages:
+        if message.reply_id in ids:
+            replies.setdefault(message.reply_id, []).append(message)
+
+    def show(message: Any) -> str:
+        author = portal.users.get(message.author_id, {}).get("name", f"user {message.author_id}")
+        under = "".join(show(reply) for reply in replies.get(message.id, []))
+        note = f' <span class="when">reply to #{message.reply_id}</span>' if message.reply_id else ""
+        return (f'<div class="msg" id="m{message.id}"><span class="who">{html.escape(author)}</span> '
+                f'<span class="when">#{message.id} · {portal_date(message.date)}</span>{note}'
+                f"<div>{render_bbcode(message.text, portal.users)}</div>{_attachment_note(message.attach)}"
+                + (f'<div class="replies">{under}</div>' if under else "") + "</div>")
+
+    return [show(m) for m in messages if m.reply_id not in ids]
 
 
 def render(portal: Portal) -> str:
@@ -71,13 +107,7 @@ def render(portal: Portal) -> str:
             f"{STATUS_NAMES.get(status, '')}</td><td>{html.escape(str(doc.get('dateModify')))}</td></tr>")
     chats = []
     for chat in portal.chats.values():
-        lines = []
-        for message in (m for m in portal.messages if m.chat_id == chat.chat_id):
-            author = portal.users.get(message.author_id, {}).get("name", f"user {message.author_id}")
-            lines.append(
-                f'<div class="msg"><span class="who">{html.escape(author)}</span> '
-                f'<span class="when">{portal_date(message.date)}</span>'
-                f"<div>{render_bbcode(message.text)}</div>{_attachment_note(message.attach)}</div>")
+        lines = _thread(portal, [m for m in portal.messages if m.chat_id == chat.chat_id])
         members = ", ".join(str(m) for m in sorted(chat.members))
         chats.append(f"<h3>{html.escape(chat.title)} <small>({html.escape(chat.dialog_id)}; "
                      f"members {members})</small></h3>" + ("".join(lines) or "<p><i>no messages</i></p>"))
@@ -116,6 +146,7 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size:
 .msg {{ border-left: 3px solid #2fa4e7; margin: 6px 0; padding: 4px 10px; background: #f5fafd; }}
 .who {{ font-weight: bold; }} .when, small {{ color: #777; font-size: 12px; }}
 .attach {{ color: #555; font-size: 12px; }}
+.replies {{ margin-left: 1.5em; }} .mention {{ color: #2067b0; }} .tab {{ display: inline-block; width: 2em; }}
 </style></head><body>
 <h1>Sandbox portal</h1>
 <p>Webhook: <code>{html.escape(config.webhook_url)}</code> &middot; plan {html.escape(config.plan)}

@@ -134,11 +134,14 @@ class Message:
     text: str
     attach: Any
     date: float
+    # The message this one replies to (im.message.add's REPLY_ID), in the same chat.
+    reply_id: int | None = None
 
     def public(self) -> dict[str, Any]:
         """The message as `/_sandbox/messages` shows it."""
         return {"id": self.id, "dialog_id": self.dialog_id, "message": self.text,
-                "attach": self.attach, "author_id": self.author_id, "date": portal_date(self.date)}
+                "attach": self.attach, "author_id": self.author_id, "date": portal_date(self.date),
+                "reply_id": self.reply_id}
 
 
 @dataclass
@@ -238,13 +241,18 @@ class Portal:
             self.chats[dialog_id] = chat
         return chat
 
-    def add_message(self, chat: Chat, author_id: int, text: str, attach: Any) -> Message:
+    def add_message(self, chat: Chat, author_id: int, text: str, attach: Any,
+                    reply_id: int | None = None) -> Message:
         """Store a message and give it the next id."""
         message = Message(self.next_message_id, chat.chat_id, chat.dialog_id, author_id, text, attach,
-                          time.time())
+                          time.time(), reply_id)
         self.next_message_id += 1
         self.messages.append(message)
         return message
+
+    def message(self, message_id: int) -> Message | None:
+        """A message by id."""
+        return next((m for m in self.messages if m.id == message_id), None)
 
     # -- call log --------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ WEBHOOK = "https://example.bitrix24.com/rest/1/abc123secret/"
 
 def test_settings_name_every_bad_value_on_its_own_line() -> None:
     with pytest.raises(SettingsError) as info:
-        load_settings(_env_file=None, b24_webhook_url="ftp://x/rest/1/a/", b24_language="de",
+        load_settings(_env_file=None, b24_webhook_url="ftp://x/rest/1/a/", b24_language="fr",
                       trigger_secrets="notwhsec", b24_chat_id="general")
     text = str(info.value)
     for name in ("B24_WEBHOOK_URL", "B24_LANGUAGE", "TRIGGER_SECRETS", "B24_CHAT_ID"):
