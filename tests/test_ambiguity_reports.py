@@ -65,15 +65,19 @@ def stack(redis_proc: devenv.Process, shared_sandbox: devenv.Process,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One real worker for the module, on a portals file pointing at the sandbox."""
     tmp = tmp_path_factory.mktemp("reports")
-    path = portals_file(tmp, shared_sandbox.extra["webhook"])
+    yield from worker_and_app(redis_proc.url, portals_file(tmp, shared_sandbox.extra["webhook"]), tmp)
+
+
+def worker_and_app(redis_url: str, path: Path, tmp: Path) -> Iterator[dict[str, Any]]:
+    """A real worker and the web app on a portals file, with this module's short timeouts (a fixture's body)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("B24_", "TRIGGER_", "SENTRY_"))}
-    env.update({"REDIS_URL": redis_proc.url, "B24_PORTALS_FILE": str(path), "TRIGGER_API_KEYS": API_KEY,
+    env.update({"REDIS_URL": redis_url, "B24_PORTALS_FILE": str(path), "TRIGGER_API_KEYS": API_KEY,
                 "B24_READ_TIMEOUT": str(READ_TIMEOUT), "B24_CONNECT_TIMEOUT": "1",
                 "B24_EXECUTION_LIMIT": str(EXECUTION_LIMIT)})
     worker = devenv.start_worker(env, log=tmp / "worker.log")
-    app = create_app({"_env_file": None, "redis_url": redis_proc.url, "b24_portals_file": str(path),
+    app = create_app({"_env_file": None, "redis_url": redis_url, "b24_portals_file": str(path),
                       "trigger_api_keys": API_KEY})
-    yield {"worker": worker, "app": app, "redis": redis.Redis.from_url(redis_proc.url)}
+    yield {"worker": worker, "app": app, "redis": redis.Redis.from_url(redis_url)}
     worker.stop()
 
 

@@ -44,26 +44,30 @@ RULES = textwrap.dedent("""
 class Stack:
     """A web process and workers configured as the app, and the portals (sandboxes) it is installed on."""
 
-    def __init__(self, redis_url: str, tmp: Path, client_id: str = CLIENT_ID) -> None:
+    def __init__(self, redis_url: str, tmp: Path, client_id: str = CLIENT_ID, rules: str = RULES,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.redis_url = redis_url
         self.tmp = tmp
         self.port = devenv.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         portals = tmp / f"portals-{self.port}.toml"
-        portals.write_text(RULES)
+        portals.write_text(rules)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("B24_", "TRIGGER_", "SENTRY_", "REDIS_"))}
         env.update({"REDIS_URL": redis_url, "B24_PORTALS_FILE": str(portals), "TRIGGER_API_KEYS": API_KEY,
                     "B24_APP_CLIENT_ID": client_id, "B24_APP_CLIENT_SECRET": CLIENT_SECRET,
                     "B24_APP_OAUTH_SERVER": "portal", "PUBLIC_URL": self.url,
                     "HOST": "127.0.0.1", "PORT": str(self.port), "WEB_CONCURRENCY": "2",
-                    "B24_READ_TIMEOUT": "1.5", "B24_CONNECT_TIMEOUT": "1", "B24_EXECUTION_LIMIT": "3"})
+                    "B24_READ_TIMEOUT": "1.5", "B24_CONNECT_TIMEOUT": "1", "B24_EXECUTION_LIMIT": "3",
+                    **(extra_env or {})})
         self.env = env
         self.web = devenv.start_web(env, log=tmp / f"web-{self.port}.log")
         self.workers: list[devenv.Process] = []
+        self.started = 0
         self.http = httpx.Client(base_url=self.url, headers=bearer(), timeout=15)
 
     def worker(self) -> devenv.Process:
-        proc = devenv.start_worker(self.env, log=self.tmp / f"worker-{self.port}-{len(self.workers)}.log",
+        self.started += 1
+        proc = devenv.start_worker(self.env, log=self.tmp / f"worker-{self.port}-{self.started}.log",
                                    options=WORKER_OPTIONS)
         self.workers.append(proc)
         return proc

@@ -7,7 +7,6 @@ the documents' statuses, the chat reports, the sandbox's queue and calls, and th
 
 from __future__ import annotations
 
-import os
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -23,67 +22,36 @@ from rq.serializers import JSONSerializer
 import devenv
 from jobs import offline
 from jobs.records import KEY_PREFIX as REQUEST_PREFIX
-from tests.helpers import API_KEY, SandboxView, bearer, wait_for
+from tests.helpers import SandboxView, bearer, wait_for
+from tests.test_app import RULES as APP_RULES
+from tests.test_app import Stack as AppStack
 
-CLIENT_ID, CLIENT_SECRET = "sandbox-client", "sandbox-secret"
 METRICS_TOKEN = "offline-metrics-token"
-WORKER_OPTIONS = {"--job-monitoring-interval": "2", "--maintenance-interval": "2"}
-RULES = textwrap.dedent("""
-    [app]
-    language = "en"
-
-    [[app.rules]]
-    event = "ONCRMDEALUPDATE"
-    read = "crm.item.get"
-    params = { entityTypeId = 2 }
-    when = { stageId = ["C1:LOSE"] }
-    documents_field = "ufCrm_InventoryDocs"
-    reason = "Deal {id} moved to {stageId}"
-    delivery = "offline"
-""")
+# test_app's app rule, delivered offline.
+RULES = APP_RULES + 'delivery = "offline"\n'
 
 
-class Stack:
+class Stack(AppStack):
     """The service configured as the app with an offline rule: a web process and workers we stop and start."""
 
     def __init__(self, redis_url: str, tmp: Path, poll: int) -> None:
-        self.tmp = tmp
-        self.port = devenv.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        portals = tmp / f"portals-{self.port}.toml"
-        portals.write_text(RULES)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("B24_", "TRIGGER_", "SENTRY_", "REDIS_"))}
-        env.update({"REDIS_URL": redis_url, "B24_PORTALS_FILE": str(portals), "TRIGGER_API_KEYS": API_KEY,
-                    "B24_APP_CLIENT_ID": CLIENT_ID, "B24_APP_CLIENT_SECRET": CLIENT_SECRET,
-                    "B24_APP_OAUTH_SERVER": "portal", "PUBLIC_URL": self.url, "METRICS_TOKEN": METRICS_TOKEN,
-                    "HOST": "127.0.0.1", "PORT": str(self.port), "WEB_CONCURRENCY": "2",
-                    "B24_READ_TIMEOUT": "1.5", "B24_CONNECT_TIMEOUT": "1", "B24_EXECUTION_LIMIT": "3",
-                    "B24_OFFLINE_POLL": str(poll), "B24_RATE_LIMIT": "40", "B24_RATE_BURST": "400"})
-        self.env = env
-        self.web: devenv.Process | None = None
-        self.workers: list[devenv.Process] = []
-        self.started = 0
-        self.http = httpx.Client(base_url=self.url, headers=bearer(), timeout=15)
-        self.start_web()
+        super().__init__(redis_url, tmp, rules=RULES, extra_env={
+            "METRICS_TOKEN": METRICS_TOKEN, "B24_OFFLINE_POLL": str(poll), "B24_RATE_LIMIT": "40",
+            "B24_RATE_BURST": "400"})
+        self.web_running = True
 
     def start_web(self) -> None:
         self.web = devenv.start_web(self.env, log=self.tmp / f"web-{self.port}.log")
-
-    def worker(self) -> devenv.Process:
-        self.started += 1
-        proc = devenv.start_worker(self.env, log=self.tmp / f"worker-{self.port}-{self.started}.log",
-                                   options=WORKER_OPTIONS)
-        self.workers.append(proc)
-        return proc
+        self.web_running = True
 
     def stop(self) -> None:
         """Everything down at once, as a crash or a deploy does."""
         for proc in self.workers:
             proc.kill_tree()
         self.workers = []
-        if self.web is not None:
+        if self.web_running:
             self.web.kill_tree()
-            self.web = None
+            self.web_running = False
 
 
 @pytest.fixture
@@ -127,6 +95,23 @@ def install(portal: SandboxView, service: Stack) -> str:
 
     wait_for(done, timeout=30, what="the portal's setup (bindings, robot, chat) to finish")
     return str(portal.http.get("/_sandbox/config").json()["member_id"])
+
+
+def lost_while_down(portal: SandboxView, stack: Callable[..., Stack], first_deal: int,
+                    documents: int) -> tuple[Stack, str, dict[int, int]]:
+    """The app installed with one worker, the workers stopped, then deals first_deal+1.. lost (document n on
+    deal first_deal+n): their records wait in the portal's offline queue. Returns the service, the member id
+    and the deals with their documents."""
+    prepare(portal)
+    service = stack(workers=1)
+    member_id = install(portal, service)
+    for proc in service.workers:
+        proc.kill_tree()
+    service.workers = []
+    deals = {first_deal + doc: doc for doc in range(1, documents + 1)}
+    for deal, doc in deals.items():
+        lose(portal, deal, doc)
+    return service, member_id, deals
 
 
 def queue_view(portal: SandboxView) -> dict[str, Any]:
@@ -341,15 +326,7 @@ def test_onofflineevent_wakes_a_pull(sandbox: devenv.Process, stack: Callable[..
 def test_a_record_read_twice_is_one_request_and_faults_on_get_and_clear_lose_nothing(
         sandbox: devenv.Process, stack: Callable[..., Stack], redis_conn: redis.Redis) -> None:
     portal = SandboxView(sandbox.url)
-    prepare(portal)
-    service = stack(workers=1)
-    member_id = install(portal, service)
-    for proc in service.workers:
-        proc.kill_tree()
-    service.workers = []
-    deals = {40 + doc: doc for doc in range(1, 13)}
-    for deal, doc in deals.items():
-        lose(portal, deal, doc)
+    service, member_id, deals = lost_while_down(portal, stack, first_deal=40, documents=12)
     # The clear is dropped once (so the batch is read again and every record submitted twice), then applied with
     # its answer lost; the get's answer is lost once after it reserved, a get is dropped once, two are slow.
     portal.faults({"kind": "drop", "method": "event.offline.clear", "times": 1},
@@ -373,15 +350,7 @@ def test_a_record_read_twice_is_one_request_and_faults_on_get_and_clear_lose_not
 def test_a_worker_killed_inside_a_pass_leaves_the_batch_for_the_next_one(
         sandbox: devenv.Process, stack: Callable[..., Stack], redis_conn: redis.Redis) -> None:
     portal = SandboxView(sandbox.url)
-    prepare(portal)
-    service = stack(workers=1)
-    install(portal, service)
-    for proc in service.workers:
-        proc.kill_tree()
-    service.workers = []
-    deals = {60 + doc: doc for doc in range(1, 9)}
-    for deal, doc in deals.items():
-        lose(portal, deal, doc)
+    service, _, deals = lost_while_down(portal, stack, first_deal=60, documents=8)
     # Killed while the clear is on its way (after every submit): the clear lands later, or not at all.
     portal.faults({"kind": "slow", "method": "event.offline.clear", "times": 1, "seconds": 8})
     worker = service.worker()
@@ -499,15 +468,7 @@ def test_a_pass_stopped_after_some_submits_leaves_the_batch_reserved_and_the_nex
     from jobs import records
 
     portal = SandboxView(sandbox.url)
-    prepare(portal)
-    service = stack(workers=1)
-    member_id = install(portal, service)
-    for proc in service.workers:
-        proc.kill_tree()
-    service.workers = []
-    deals = {140 + doc: doc for doc in range(1, 7)}
-    for deal, doc in deals.items():
-        lose(portal, deal, doc)
+    service, member_id, deals = lost_while_down(portal, stack, first_deal=140, documents=6)
     # The fourth record's idempotency key is unreadable (a Redis error on its submit): the pass stops after
     # three submits, before the clear, as a pass killed there would.
     fourth = sorted(queue_view(portal)["records"], key=lambda r: int(r["ID"]))[3]

@@ -7,7 +7,6 @@ tests/test_ambiguity_reports.py the portal's execution limit is 3 s, so an unans
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +18,17 @@ import redis
 from flask.testing import FlaskClient
 
 import devenv
-from app import create_app
 from jobs import policy, records
-from tests.helpers import API_KEY, SandboxView, bearer, wait_for
-from tests.test_ambiguity_reports import ended, replay
-
-EXECUTION_LIMIT = 3.0
-READ_TIMEOUT = 1.5
+from tests.helpers import SandboxView, bearer, wait_for
+from tests.test_ambiguity_reports import (  # noqa: F401 - client, conn and portal are the same fixtures
+    EXECUTION_LIMIT,
+    client,
+    conn,
+    ended,
+    portal,
+    replay,
+    worker_and_app,
+)
 
 
 def portals_file(tmp: Path, webhook: str) -> Path:
@@ -49,31 +52,7 @@ def stack(redis_proc: devenv.Process, shared_sandbox: devenv.Process,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One real worker for the module, on a portals file with two portals on the sandbox."""
     tmp = tmp_path_factory.mktemp("threads")
-    path = portals_file(tmp, shared_sandbox.extra["webhook"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("B24_", "TRIGGER_", "SENTRY_"))}
-    env.update({"REDIS_URL": redis_proc.url, "B24_PORTALS_FILE": str(path), "TRIGGER_API_KEYS": API_KEY,
-                "B24_READ_TIMEOUT": str(READ_TIMEOUT), "B24_CONNECT_TIMEOUT": "1",
-                "B24_EXECUTION_LIMIT": str(EXECUTION_LIMIT)})
-    worker = devenv.start_worker(env, log=tmp / "worker.log")
-    app = create_app({"_env_file": None, "redis_url": redis_proc.url, "b24_portals_file": str(path),
-                      "trigger_api_keys": API_KEY})
-    yield {"worker": worker, "app": app, "redis": redis.Redis.from_url(redis_proc.url)}
-    worker.stop()
-
-
-@pytest.fixture
-def client(stack: dict[str, Any]) -> FlaskClient:
-    return stack["app"].test_client()
-
-
-@pytest.fixture
-def conn(stack: dict[str, Any]) -> redis.Redis:
-    return stack["redis"]  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def portal(sandbox: devenv.Process) -> SandboxView:
-    return SandboxView(sandbox.url)
+    yield from worker_and_app(redis_proc.url, portals_file(tmp, shared_sandbox.extra["webhook"]), tmp)
 
 
 def submit(client: FlaskClient, key: str, **body: Any) -> str:
