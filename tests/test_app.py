@@ -335,6 +335,27 @@ def test_a_worker_killed_between_the_cancel_and_event_send_still_sends_once(
     assert len(wait_for(lambda: reports(portal, request_id), timeout=30, what="the report")) == 1
 
 
+@pytest.mark.parametrize("fault", ["applied_then_timeout", "drop"])
+def test_event_send_whose_answer_is_lost_or_dropped_returns_the_outcome_exactly_once(
+        sandbox: devenv.Process, stack: Callable[..., Stack], fault: str) -> None:
+    portal = SandboxView(sandbox.url)
+    service = stack()
+    install(portal, service)
+    set_up(portal)
+    # applied_then_timeout: the portal applies the send, its answer is lost. drop: the send never arrives.
+    portal.faults({"kind": fault, "method": "bizproc.event.send", "times": 1})
+    run = run_robot(portal, {"document_ids": [11, 12]})
+    request_id = request_id_of(run)
+    state = service.finished(request_id, timeout=200)
+    assert state["state"] == "done" and {d["outcome"] for d in state["documents"]} == {"cancelled"}
+    returned = wait_for(lambda: workflow(portal, run["workflow_id"])["returned"], timeout=60, what="returned")
+    assert returned["outcome"] == "cancelled" and int(returned["cancelled_count"]) == 2
+    assert len(accepted_sends(portal)) == 1  # from the sandbox's own log: one send took effect
+    for doc_id in (11, 12):
+        assert portal.effective_cancels(doc_id) == 1
+    assert len(wait_for(lambda: reports(portal, request_id), timeout=30, what="the report")) == 1
+
+
 # ---- events through the app --------------------------------------------------------------------------------
 
 def test_a_bound_event_from_a_crm_change_cancels_its_documents(
